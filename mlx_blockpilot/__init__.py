@@ -1,0 +1,1 @@
+"""mlx_blockpilot: lossless DFlash speculative decoding in MLX with a per-prompt block size."""
