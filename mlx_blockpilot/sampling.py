@@ -1,0 +1,99 @@
+"""Acceptance rules: greedy prefix matching and lossless speculative sampling.
+
+Both are lazy MLX graphs so a round needs a single host sync. The distributions
+are mlx-lm's: its top-p/top-k filters on log-probabilities, then ``softmax(x / temp)``,
+which is what ``mlx_lm.sample_utils.make_sampler`` samples from.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+from .errors import BlockPilotError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise BlockPilotError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BlockPilotError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise BlockPilotError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: mx.array, params: SamplingParams) -> mx.array:
+    """The sampling distribution over the last axis (float32)."""
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if params.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, params.top_p)
+    if 0 < params.top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, params.top_k)
+    return mx.softmax(logprobs / params.temperature, axis=-1)
+
+
+def sample(probs: mx.array, key: mx.array) -> mx.array:
+    return mx.random.categorical(mx.log(probs), key=key)
+
+
+def greedy_tokens(logits: mx.array) -> mx.array:
+    """Argmax of the log-probabilities, computed exactly as mlx-lm's greedy sampler sees them."""
+    return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+
+
+def accept_greedy(draft_tokens: mx.array, target_logits: mx.array) -> Tuple[mx.array, mx.array]:
+    """Longest prefix of ``draft_tokens`` (``(n,)``) equal to the target's argmax.
+
+    ``target_logits`` is ``(n + 1, V)``. Returns ``(accepted, next_token)``.
+    """
+    target_tokens = greedy_tokens(target_logits)
+    return _prefix_and_next(draft_tokens == target_tokens[:-1], lambda a: target_tokens[a])
+
+
+def accept_sampled(
+    draft_tokens: mx.array,
+    draft_probs: mx.array,
+    target_logits: mx.array,
+    params: SamplingParams,
+    key: mx.array,
+) -> Tuple[mx.array, mx.array]:
+    """Speculative sampling (Leviathan et al.): output is distributed as the target.
+
+    Draft token ``x_i ~ q_i`` is kept with probability ``min(1, p_i(x_i) / q_i(x_i))``;
+    at the first rejection the next token comes from ``normalize(max(p - q, 0))``, and
+    after a fully accepted block from ``p``. ``draft_probs`` is ``(n, V)``.
+    """
+    accept_key, next_key = mx.random.split(key)
+    p = probabilities(target_logits, params)
+    n = draft_tokens.shape[0]
+    p_draft = mx.take_along_axis(p[:n], draft_tokens[:, None], axis=-1)[:, 0]
+    q_draft = mx.take_along_axis(draft_probs, draft_tokens[:, None], axis=-1)[:, 0]
+    u = mx.random.uniform(shape=(n,), key=accept_key)
+    q_padded = mx.concatenate([draft_probs, mx.zeros((1, p.shape[-1]), dtype=p.dtype)])
+
+    def next_token(a):
+        p_a = p[a]
+        residual = mx.maximum(p_a - q_padded[a], 0.0)
+        total = residual.sum()
+        residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p_a)
+        return sample(residual, next_key)
+
+    return _prefix_and_next(u * q_draft < p_draft, next_token)
+
+
+def _prefix_and_next(matches: mx.array, next_token) -> Tuple[mx.array, mx.array]:
+    accepted = mx.cumprod(matches.astype(mx.int32)).sum() if matches.size else mx.array(0)
+    return accepted, next_token(accepted)

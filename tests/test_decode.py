@@ -1,0 +1,171 @@
+"""Lossless greedy decoding: exact token equality with mlx-lm's greedy decoding."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from doubles import ScriptedDraft
+from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_blockpilot.decode import generate, make_cache, stream_generate
+from mlx_blockpilot.errors import BlockPilotError
+
+MAX = 40
+
+
+def reference(model, prompt, max_tokens=MAX, eos=()):
+    """mlx-lm greedy tokens, cut after the first EOS."""
+    out = []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        out.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+def no_eos(tokenizer, eos=()):
+    tw = TokenizerWrapper(tokenizer._tokenizer)
+    tw.eos_token_ids = eos
+    return tw
+
+
+def make_prompt(length, seed=0, vocab=300):
+    return np.random.default_rng(seed).integers(5, vocab, size=length).tolist()
+
+
+@pytest.mark.parametrize("length", [1, 3, 37, 300])
+def test_greedy_equals_mlx_lm_all_block_sizes(tiny, length):
+    prompt = make_prompt(length, seed=length)
+    ref = reference(tiny.model, prompt)
+    tok = no_eos(tiny.tokenizer)
+    for block in range(1, 21):
+        r = generate(tiny.model, tiny.draft, tok, prompt, block_size=block, max_tokens=MAX, prefill_step_size=64)
+        assert r.tokens == ref, f"block {block}, prompt length {length}"
+        assert r.finish_reason == "length"
+        assert r.generation_tokens == MAX
+        assert sum(r.acceptance_lengths) == MAX - 1
+        assert all(1 <= a <= block for a in r.acceptance_lengths)
+
+
+@pytest.mark.parametrize("block", [2, 5, 16])
+def test_full_acceptance_with_true_continuation(tiny, block):
+    prompt = make_prompt(11, seed=3)
+    ref = reference(tiny.model, prompt)
+    draft = ScriptedDraft(tiny.draft.config, prompt + ref, tiny.cfg["vocab_size"])
+    r = generate(tiny.model, draft, no_eos(tiny.tokenizer), prompt, block_size=block, max_tokens=MAX)
+    assert r.tokens == ref
+    # Every round but the last (cut by max_tokens) accepts the whole block.
+    assert all(a == block for a in r.acceptance_lengths[:-1])
+    assert r.acceptance_lengths[-1] == (MAX - 1) - block * (len(r.acceptance_lengths) - 1)
+
+
+@pytest.mark.parametrize("block", [2, 8])
+def test_always_wrong_drafter_accepts_nothing(tiny, block):
+    prompt = make_prompt(9, seed=4)
+    ref = reference(tiny.model, prompt)
+    draft = ScriptedDraft(tiny.draft.config, prompt + ref, tiny.cfg["vocab_size"], wrong=True)
+    r = generate(tiny.model, draft, no_eos(tiny.tokenizer), prompt, block_size=block, max_tokens=MAX)
+    assert r.tokens == ref
+    assert r.acceptance_lengths == [1] * (MAX - 1)
+
+
+@pytest.mark.parametrize("scripted", [True, False])
+def test_eos_inside_block(tiny, scripted):
+    prompt = make_prompt(7, seed=5)
+    ref = reference(tiny.model, prompt, max_tokens=60)
+    for k in range(2, 40, 3):
+        eos = ref[k]
+        if eos in ref[:k]:
+            continue
+        expected = ref[: k + 1]
+        draft = ScriptedDraft(tiny.draft.config, prompt + ref, tiny.cfg["vocab_size"]) if scripted else tiny.draft
+        for block in (4, 16):
+            r = generate(tiny.model, draft, no_eos(tiny.tokenizer, [eos]), prompt, block_size=block, max_tokens=60)
+            assert r.tokens == expected, (k, block)
+            assert r.finish_reason == "stop"
+            assert reference(tiny.model, prompt, 60, eos={eos}) == expected
+
+
+def test_eos_as_first_token(tiny):
+    prompt = make_prompt(6, seed=6)
+    first = reference(tiny.model, prompt, max_tokens=1)[0]
+    r = generate(tiny.model, tiny.draft, no_eos(tiny.tokenizer, [first]), prompt, block_size=4)
+    assert r.tokens == [first] and r.finish_reason == "stop" and r.text == ""
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 13, 17])
+def test_max_tokens_cuts_a_block(tiny, max_tokens):
+    prompt = make_prompt(8, seed=7)
+    ref = reference(tiny.model, prompt)
+    draft = ScriptedDraft(tiny.draft.config, prompt + ref, tiny.cfg["vocab_size"])
+    r = generate(tiny.model, draft, no_eos(tiny.tokenizer), prompt, block_size=8, max_tokens=max_tokens)
+    assert r.tokens == ref[:max_tokens]
+    assert r.finish_reason == "length"
+
+
+def test_stream_text_matches_tokens(tiny):
+    prompt = tiny.tokenizer.encode("the quick brown fox")
+    tok = no_eos(tiny.tokenizer)
+    chunks = list(stream_generate(tiny.model, tiny.draft, tok, prompt, block_size=6, max_tokens=30))
+    tokens = [t for c in chunks for t in c.tokens]
+    assert "".join(c.text for c in chunks) == tiny.tokenizer.decode(tokens)
+    assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].block_size == 6 and chunks[-1].prefill_s > 0
+
+
+def test_context_limit(tmp_path):
+    from fixtures import write_draft, write_target
+    from mlx_lm import load
+
+    from mlx_blockpilot.draft import load_draft
+
+    cfg = write_target(tmp_path / "t", "qwen3", max_position_embeddings=48)
+    model, tok = load(str(tmp_path / "t"))
+    write_draft(tmp_path / "d", cfg, mask_token_id=3)
+    draft = load_draft(tmp_path / "d")
+    prompt = make_prompt(30, seed=8)
+    ref = reference(model, prompt, max_tokens=19)
+    for block in (1, 4, 16):
+        r = generate(model, draft, no_eos(tok), prompt, block_size=block, max_tokens=100)
+        # The target cache may hold 48 positions: prompt + all generated tokens but the last.
+        assert r.tokens == ref and r.finish_reason == "length"
+    with pytest.raises(BlockPilotError, match="context"):
+        generate(model, draft, tok, make_prompt(48), block_size=4)
+
+
+def test_prompt_cache_reuse_is_lossless(tiny):
+    tok = no_eos(tiny.tokenizer)
+    cache = make_cache(tiny.model, tiny.draft)
+    first = make_prompt(20, seed=9)
+    r1 = generate(tiny.model, tiny.draft, tok, first, block_size=5, max_tokens=15, prompt_cache=cache)
+    # Next turn: the whole conversation so far plus new tokens; only the new part is prefilled.
+    second = first + r1.tokens + make_prompt(6, seed=10)
+    r2 = generate(tiny.model, tiny.draft, tok, second, block_size=5, max_tokens=15, prompt_cache=cache)
+    assert r2.tokens == reference(tiny.model, second, max_tokens=15)
+    assert len(cache.tokens) == len(second) + 14
+    # A prompt that diverges early trims the caches back to the shared prefix.
+    third = first[:5] + make_prompt(9, seed=11)
+    r3 = generate(tiny.model, tiny.draft, tok, third, block_size=3, max_tokens=15, prompt_cache=cache)
+    assert r3.tokens == reference(tiny.model, third, max_tokens=15)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_size=0), "block size"),
+        (dict(block_size="auto"), "policy"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=1.0, top_p=0.0), "top-p"),
+        (dict(temperature=1.0, top_p=1.5), "top-p"),
+        (dict(temperature=1.0, top_k=-1), "top-k"),
+        (dict(max_tokens=0), "max_tokens"),
+    ],
+)
+def test_bad_arguments(qwen3, kwargs, match):
+    with pytest.raises(BlockPilotError, match=match):
+        generate(qwen3.model, qwen3.draft, qwen3.tokenizer, [5, 6, 7], **kwargs)
+
+
+def test_empty_prompt(qwen3):
+    with pytest.raises(BlockPilotError, match="empty"):
+        generate(qwen3.model, qwen3.draft, qwen3.tokenizer, "")
