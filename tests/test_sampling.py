@@ -1,0 +1,138 @@
+"""Speculative sampling keeps the target's output distribution (T > 0, top-p, top-k)."""
+
+import math
+from itertools import product
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from fixtures import write_draft, write_target
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_blockpilot.decode import generate
+from mlx_blockpilot.draft import load_draft
+
+VOCAB = 8
+STEPS = 3
+RUNS = 1500
+
+
+def chi2_pvalue(stat, df):
+    """Upper tail of chi-square via the Wilson-Hilferty normal approximation."""
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def filtered_probs_numpy(logits, temp, top_p, top_k):
+    """Independent numpy version of mlx-lm's sampler: top-p, then top-k, then softmax(x / temp)."""
+    logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    keep = np.ones_like(logp, dtype=bool)
+    if top_p < 1:
+        order = np.argsort(-logp)
+        probs = np.exp(logp[order])
+        before = np.cumsum(probs) - probs
+        keep_sorted = before < top_p
+        keep = np.zeros_like(keep)
+        keep[order[keep_sorted]] = True
+    if 0 < top_k < len(logp):
+        kth = np.sort(np.where(keep, logp, -np.inf))[::-1][top_k - 1]
+        keep &= logp >= kth
+    x = np.where(keep, logp / temp, -np.inf)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_vocab")
+    # Small embeddings keep the distributions spread over several tokens.
+    cfg = write_target(root / "t", "qwen3", tokenizer=False, vocab_size=VOCAB)
+    write_draft(root / "d", cfg, mask_token_id=VOCAB - 1, seed=5)
+    from mlx_lm.models import qwen3
+
+    import json
+
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(json.loads((root / "t/config.json").read_text())))
+    model.load_weights(str(root / "t/model.safetensors"))
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight * 0.25
+    mx.eval(model.parameters())
+    return model, load_draft(root / "d")
+
+
+def word_tokenizer():
+    """A word-level tokenizer over VOCAB words, without EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tok))
+
+
+def exact_distribution(model, prompt, temp, top_p, top_k):
+    """P(first STEPS tokens) by enumerating every sequence with the target alone."""
+    dist = {}
+    for seq in product(range(VOCAB), repeat=STEPS - 1):
+        logits = model(mx.array([prompt + list(seq)]))[0].astype(mx.float32)
+        rows = np.array(logits[len(prompt) - 1 :])
+        probs = [filtered_probs_numpy(r, temp, top_p, top_k) for r in rows]
+        prefix_p = np.prod([probs[i][seq[i]] for i in range(STEPS - 1)])
+        for last in range(VOCAB):
+            dist[seq + (last,)] = prefix_p * probs[STEPS - 1][last]
+    return dist
+
+
+@pytest.mark.parametrize(
+    "block, temp, top_p, top_k",
+    [(2, 1.0, 1.0, 0), (4, 1.0, 1.0, 0), (3, 0.7, 0.9, 0), (16, 1.3, 1.0, 4)],
+)
+def test_output_distribution_equals_target(small_vocab, block, temp, top_p, top_k):
+    model, draft = small_vocab
+    tok = word_tokenizer()
+    prompt = [1, 4, 2]
+    exact = exact_distribution(model, prompt, temp, top_p, top_k)
+    counts = {}
+    accepted_any = 0
+    for seed in range(RUNS):
+        r = generate(model, draft, tok, prompt, block_size=block, max_tokens=STEPS, temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
+        counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+        accepted_any += any(a > 1 for a in r.acceptance_lengths)
+    assert accepted_any > 0.05 * RUNS, "the test should exercise accepted draft tokens"
+    # Sequences the target cannot produce never appear.
+    assert all(exact.get(s, 0) > 0 for s in counts), "sampled a sequence with zero target probability"
+    # Chi-square over outcomes, pooling rare ones (expected count < 5).
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for seq, p in exact.items():
+        e = p * RUNS
+        o = counts.get(seq, 0)
+        if e < 5:
+            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
+            continue
+        stat += (o - e) ** 2 / e
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        df += 1
+    assert df >= 5
+    assert chi2_pvalue(stat, df) > 1e-4, f"chi2={stat:.1f} df={df}"
+
+
+def test_seed_reproducible(small_vocab):
+    model, draft = small_vocab
+    tok = word_tokenizer()
+    runs = [generate(model, draft, tok, [1, 2], block_size=4, max_tokens=12, temperature=1.0, seed=7).tokens for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = [generate(model, draft, tok, [1, 2], block_size=4, max_tokens=12, temperature=1.0, seed=s).tokens for s in range(8, 14)]
+    assert any(o != runs[0] for o in other)
+
+
+def test_probabilities_match_numpy_reference():
+    from mlx_blockpilot.sampling import SamplingParams, probabilities
+
+    rng = np.random.default_rng(0)
+    for temp, top_p, top_k in [(1.0, 1.0, 0), (0.5, 0.8, 0), (2.0, 1.0, 3), (1.0, 0.6, 5)]:
+        logits = rng.standard_normal(50).astype(np.float32) * 3
+        ours = np.array(probabilities(mx.array(logits), SamplingParams(temp, top_p, top_k)))
+        np.testing.assert_allclose(ours, filtered_probs_numpy(logits.astype(np.float64), temp, top_p, top_k), atol=1e-5)
