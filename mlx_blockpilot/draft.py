@@ -139,6 +139,7 @@ class DraftAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(x.shape[0], L, -1))
 
     def _mask(self, S: int, L: int) -> Optional[mx.array]:
+        """Context keys within the sliding window; block keys all (or causally) visible."""
         if self.window is None and not self.causal:
             return None
         # Positions relative to the first kept context key: context 0..S-1, block S..S+L-1.
@@ -146,7 +147,7 @@ class DraftAttention(nn.Module):
         k_pos = mx.arange(S + L)[None]
         visible = mx.ones((L, S + L), dtype=mx.bool_)
         if self.window is not None:
-            visible = visible & (q_pos - k_pos < self.window)
+            visible = (k_pos >= S) | (q_pos - k_pos < self.window)
         if self.causal:
             visible = visible & (k_pos <= q_pos)
         return visible
