@@ -271,11 +271,10 @@ def stream_generate(
 
 
 def generate(model, draft, tokenizer, prompt, **kwargs) -> GenerationResponse:
-    """Run ``stream_generate`` to the end; return the last response with all text and tokens."""
+    """Run ``stream_generate`` to the end; the last response with all text and tokens."""
     text, tokens, last = [], [], None
     for last in stream_generate(model, draft, tokenizer, prompt, **kwargs):
         text.append(last.text)
         tokens.extend(last.tokens)
-    last.text = "".join(text)
-    last.tokens = tokens
+    last.text, last.tokens = "".join(text), tokens
     return last
