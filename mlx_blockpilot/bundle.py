@@ -121,7 +121,7 @@ def load(
     policy=None,
 ) -> Bundle:
     """Load a converted bundle directory, or a target + drafter (+ policy) given apart."""
-    from .draft import load_draft
+    from .draft import load_draft, read_draft_config
     from .policy import load_policy
 
     if path is not None:
@@ -135,9 +135,10 @@ def load(
     if target is None or draft is None:
         raise BlockPilotError("give a bundle directory, or both a target and a drafter directory")
     model, tokenizer = load_target(target)
-    drafter = load_draft(_need_dir(Path(draft), "drafter"))
     facts = TargetFacts.from_model(model)
-    check_draft(facts, drafter.config)
+    draft = _need_dir(Path(draft), "drafter")
+    check_draft(facts, read_draft_config(draft)[0])
+    drafter = load_draft(draft)
     pol = None
     if policy is not None:
         pol = load_policy(_need_dir(Path(policy), "policy"))

@@ -206,17 +206,22 @@ class DFlashDraft(nn.Module):
         return target.lm_head(model, h[0, 1:])
 
 
-def load_draft(path: str | Path) -> DFlashDraft:
-    """Load a drafter from a z-lab layout directory (config.json + *.safetensors)."""
-    path = Path(path)
-    cfg_file = path / "config.json"
+def read_draft_config(path: str | Path) -> Tuple[DraftConfig, Dict[str, Any]]:
+    """The drafter's config (parsed and raw) from a z-lab layout directory."""
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise BlockPilotError(f"no drafter config.json in {path}; pass a DFlash drafter directory")
     try:
-        cfg_dict = json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BlockPilotError(f"cannot read drafter config {cfg_file}: {e}") from None
-    cfg = DraftConfig.from_dict(cfg_dict)
+    return DraftConfig.from_dict(raw), raw
+
+
+def load_draft(path: str | Path) -> DFlashDraft:
+    """Load a drafter from a z-lab layout directory (config.json + *.safetensors)."""
+    path = Path(path)
+    cfg, cfg_dict = read_draft_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise BlockPilotError(f"no *.safetensors weights in drafter directory {path}")
