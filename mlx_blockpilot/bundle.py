@@ -4,13 +4,19 @@ The same checks run when a bundle is converted and when anything is loaded.
 """
 
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from .errors import BlockPilotError
 
 MANIFEST = "blockpilot.json"
+FORMAT = "mlx_blockpilot.bundle"
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -128,6 +134,8 @@ def load(
         root = _need_dir(Path(path), "bundle")
         if not (root / MANIFEST).is_file():
             raise BlockPilotError(f"{root} is not a bundle (no {MANIFEST}); make one with python -m mlx_blockpilot.convert")
+        manifest = check_manifest(root)
+        manifest_target = manifest.get("target") if target is None else None
         target = target or root / "target"
         draft = draft or root / "draft"
         if policy is None and (root / "policy").is_dir():
@@ -136,6 +144,8 @@ def load(
         raise BlockPilotError("give a bundle directory, or both a target and a drafter directory")
     model, tokenizer = load_target(target)
     facts = TargetFacts.from_model(model)
+    if path is not None and manifest_target:
+        check_manifest_target(root, manifest_target, facts)
     draft = _need_dir(Path(draft), "drafter")
     check_draft(facts, read_draft_config(draft)[0])
     drafter = load_draft(draft)
@@ -148,3 +158,105 @@ def load(
 
 def read_manifest(path) -> Dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def check_manifest(root) -> Dict[str, Any]:
+    """Read and validate ``root/blockpilot.json`` (load time); returns the manifest."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BlockPilotError(f"cannot read bundle manifest {path} ({e}); convert the bundle again") from None
+    if not isinstance(manifest, dict):
+        raise BlockPilotError(f"bundle manifest {path} is not a JSON object; convert the bundle again")
+    if manifest.get("format", FORMAT) != FORMAT:
+        raise BlockPilotError(f"{path} is not an mlx_blockpilot bundle manifest (format {manifest['format']!r})")
+    if not isinstance(manifest.get("target", {}), (dict, type(None))):
+        raise BlockPilotError(f"bundle manifest {path} has a malformed 'target' entry; convert the bundle again")
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BlockPilotError(
+            f"bundle {root} has format version {version!r}, newer than this mlx_blockpilot reads "
+            f"({FORMAT_VERSION}); upgrade mlx_blockpilot"
+        )
+    return manifest
+
+
+def check_manifest_target(root, recorded: Dict[str, Any], facts: TargetFacts) -> None:
+    """Raise if the bundle's target/ is not the model its manifest records."""
+    for key in ("hidden_size", "vocab_size", "num_layers"):
+        if key in recorded and recorded[key] != getattr(facts, key):
+            raise BlockPilotError(
+                f"bundle {root}: target/ has {key} {getattr(facts, key)} but {MANIFEST} records "
+                f"{recorded[key]}; the bundle was modified, convert it again"
+            )
+
+
+def package_versions() -> Dict[str, str]:
+    import mlx.core as mx
+    import mlx_lm
+
+    from . import __version__
+
+    return {"mlx": mx.__version__, "mlx-lm": mlx_lm.__version__, "mlx_blockpilot": __version__}
+
+
+def write_manifest(root, manifest: Dict[str, Any]) -> Path:
+    """Write ``root/blockpilot.json`` (adds format, version and package versions)."""
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": package_versions()}
+    data.update(manifest)
+    path = Path(root) / MANIFEST
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def check_out_dir(out, force: bool = False) -> Path:
+    """Raise unless ``out`` may be written (absent, or an existing directory with ``force``)."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise BlockPilotError(f"{out} already exists; pass --force to replace it, or choose another --out")
+        if out.is_symlink() or not out.is_dir():
+            raise BlockPilotError(f"{out} exists and is not a directory; remove it or choose another --out")
+    return out
+
+
+@contextmanager
+def write_bundle(out, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; rename it to ``out`` if the block succeeds.
+
+    On any error or interrupt the temporary directory is removed and ``out`` is
+    left as it was. An existing ``out`` is refused unless ``force``; then it is
+    replaced only after success.
+    """
+    out = check_out_dir(out, force)
+    parent = out.absolute().parent
+    created = [p for p in [parent, *parent.parents] if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        check_out_dir(out, force)  # it may have appeared meanwhile
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            old.rmdir()
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # parents we made, innermost first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
