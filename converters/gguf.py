@@ -155,6 +155,13 @@ def _check_out_dir(out_dir: Union[str, Path]) -> Path:
     return out
 
 
+def read_model_config(src: Union[str, Path]) -> dict:
+    """The HF-style model config of a GGUF file, checked, without converting its weights."""
+    path = Path(src)
+    tensors, meta = _read(path)
+    return _model_config(meta, _architecture(meta, path), tensors)
+
+
 def _read(path: Path):
     """Load tensors and metadata (as plain Python values) from a GGUF file."""
     if not path.is_file():

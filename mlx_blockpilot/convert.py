@@ -69,9 +69,7 @@ def target_facts(info: Dict[str, Any]) -> TargetFacts:
     if info["format"] == "gguf":
         from .converters import gguf
 
-        tensors, meta = gguf._read(info["path"])
-        arch = gguf._architecture(meta, info["path"])
-        return TargetFacts.from_config(gguf._model_config(meta, arch, tensors))
+        return TargetFacts.from_config(gguf.read_model_config(info["path"]))
     from .converters.hf import read_config
 
     cfg = read_config(info["path"])
