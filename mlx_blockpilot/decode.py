@@ -9,7 +9,7 @@ The round is one lazy MLX graph evaluated with a single host sync.
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generator, List, Optional, Sequence, Union
+from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,17 +104,51 @@ def _prefill(model, tokens: List[int], cache: PromptCache, layer_ids, step: int)
     return logits[0, -1]
 
 
-def choose_block_size(block_size: BlockSize, policy, logits: mx.array) -> int:
-    """The one place where a generation's block size is decided (after prefill)."""
+def policy_features(model, draft, logits: mx.array, hidden: mx.array, kind: str) -> mx.array:
+    """What a policy reads after prefill, from that same pass: the last prompt token's
+    logits, or its hidden state at the deepest layer the drafter taps."""
+    if kind == "logits":
+        return logits
+    ids = list(draft.config.target_layer_ids)
+    h = target.hidden_size(model)
+    j = ids.index(max(ids))
+    return hidden[0, -1, j * h : (j + 1) * h]
+
+
+def choose_block_size(block_size: BlockSize, policy, features: Callable[[str], mx.array]) -> int:
+    """The one place where a generation's block size is decided (after prefill).
+
+    ``features(kind)`` gives the prefill's features of that kind for the policy.
+    """
     if block_size == "auto":
         if policy is None:
             raise BlockPilotError("block size 'auto' needs a policy; pass --block-size N or a bundle with a policy")
         from .policy import choose_block_size as policy_choice
 
-        return policy_choice(policy, logits)
+        return policy_choice(policy, features(policy.config.input_kind))
     if not isinstance(block_size, int) or block_size < 1:
         raise BlockPilotError(f"block size must be an integer >= 1 or 'auto', got {block_size!r}")
     return block_size
+
+
+def refine_window(width: int, block_size: BlockSize, policy) -> Tuple[int, int]:
+    """The sizes ``refine`` may move between: the policy's candidates, else ``width`` +/- 2."""
+    if block_size == "auto":
+        return min(policy.config.block_sizes), max(policy.config.block_sizes)
+    return max(1, width - 2), width + 2
+
+
+def refine_width(width: int, accepted: int, drafted: int, lo: int, hi: int) -> int:
+    """Next round's block size: grow after a fully accepted block, shrink when at most half was used.
+
+    Any block size gives the same output (each round is verified on its own), so this
+    only changes speed.
+    """
+    if accepted >= drafted:
+        return min(width + 1, hi)
+    if 2 * accepted <= drafted:
+        return max(width - 1, lo)
+    return width
 
 
 def _draft_round(model, draft, cache: PromptCache, last: int, width: int, params: SamplingParams, key):
@@ -159,11 +193,14 @@ def stream_generate(
     seed: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = 2048,
+    refine: bool = False,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` with DFlash speculative decoding, yielding per round.
 
     Greedy output equals the target's own greedy decoding; with ``temperature > 0``
     the output is distributed as the target's (speculative sampling).
+    ``refine`` moves the block size round by round within a window (see
+    ``refine_window``/``refine_width``); ``block_size`` in the responses stays the first pick.
     """
     params = SamplingParams(temperature, top_p, top_k, seed)
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -197,8 +234,13 @@ def stream_generate(
         prefill_s = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        width = choose_block_size(block_size, policy, logits)
+        prompt_hidden = cache.pending
+        width = choose_block_size(
+            block_size, policy, lambda kind: policy_features(model, draft, logits, prompt_hidden, kind)
+        )
         policy_s = time.perf_counter() - tic
+        lo, hi = refine_window(width, block_size, policy) if refine else (width, width)
+        round_width = width
 
         lengths: List[int] = []
         n = 1
@@ -240,7 +282,7 @@ def stream_generate(
             if room <= 0:
                 yield response([], "length")
                 return
-            w = min(width, room)
+            w = min(round_width, room)
             key, round_key = mx.random.split(key)
             drafted, accepted, nxt, hidden = _draft_round(model, draft, cache, last, w, params, round_key)
             out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
@@ -259,6 +301,7 @@ def stream_generate(
             kept = hidden[:, :keep]
             cache.pending = kept if cache.pending is None else mx.concatenate([cache.pending, kept], axis=1)
             lengths.append(keep)
+            round_width = refine_width(round_width, keep, w, lo, hi)
             n += keep
             last = new[-1]
             if stop_at is not None:

