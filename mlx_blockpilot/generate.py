@@ -34,6 +34,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--block-size", type=block_size_arg, default=None, help="N >= 1 or 'auto' (the policy)")
+    parser.add_argument("--refine", action="store_true", help="move the block size round by round (lossless)")
 
 
 def load_from_args(args):
@@ -48,6 +49,8 @@ def sampling_kwargs(args) -> dict:
     kw = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.block_size is not None:
         kw["block_size"] = args.block_size
+    if getattr(args, "refine", False):
+        kw["refine"] = True
     return kw
 
 
