@@ -16,10 +16,9 @@ from typing import Callable, Dict, List, Optional
 
 from mlx_lm.utils import common_prefix_len
 
-from . import chat_prompt, make_cache, stream_generate
-from .decode import GenerationResponse
+from .decode import GenerationResponse, make_cache
 from .errors import BlockPilotError
-from .generate import add_model_args, add_sampling_args, load_from_args, sampling_kwargs, stats_line
+from .generate import add_model_args, add_sampling_args, chat_prompt, load_from_args, sampling_kwargs, stats_line, stream_generate
 from .sampling import SamplingParams
 from .target import max_context
 

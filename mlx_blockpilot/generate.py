@@ -1,13 +1,44 @@
-"""``python -m mlx_blockpilot.generate``: one prompt, streamed or as JSON."""
+"""Generate with a bundle (the public API) and ``python -m mlx_blockpilot.generate``."""
 
 import argparse
 import json
 import sys
+from typing import Any, Dict, List, Sequence, Union
 
-from . import chat_prompt, load
-from . import generate as run_generate
-from . import stream_generate
+from . import decode
+from .bundle import Bundle, load
+from .decode import GenerationResponse
 from .errors import BlockPilotError
+
+Prompt = Union[str, Sequence[int]]
+
+
+def chat_prompt(bundle: Bundle, messages: List[Dict[str, str]]) -> List[int]:
+    """Token ids of ``messages`` under the target's chat template, ready for the assistant turn."""
+    tok = bundle.tokenizer
+    if not getattr(tok, "has_chat_template", False):
+        raise BlockPilotError("the target's tokenizer has no chat template; pass a plain prompt instead")
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def _with_defaults(bundle: Bundle, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    kwargs.setdefault("block_size", bundle.default_block_size)
+    kwargs.setdefault("policy", bundle.policy)
+    return kwargs
+
+
+def stream_generate(bundle: Bundle, prompt: Prompt, **kwargs):
+    """Yield a ``GenerationResponse`` per round (options: ``decode.stream_generate``).
+
+    ``block_size`` defaults to ``"auto"`` (the policy) when the bundle has one,
+    otherwise to the drafter's training block size.
+    """
+    return decode.stream_generate(bundle.model, bundle.draft, bundle.tokenizer, prompt, **_with_defaults(bundle, kwargs))
+
+
+def generate(bundle: Bundle, prompt: Prompt, **kwargs) -> GenerationResponse:
+    """Generate to the end; the returned response holds all text and tokens."""
+    return decode.generate(bundle.model, bundle.draft, bundle.tokenizer, prompt, **_with_defaults(bundle, kwargs))
 
 
 def block_size_arg(value: str):
@@ -71,7 +102,7 @@ def main(argv=None) -> int:
         else:
             prompt = chat_prompt(bundle, [{"role": "user", "content": args.prompt}])
         if args.json:
-            r = run_generate(bundle, prompt, **sampling_kwargs(args))
+            r = generate(bundle, prompt, **sampling_kwargs(args))
             print(json.dumps(response_json(r, bundle)))
         else:
             r = None

@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import chat_prompt, make_cache, stream_generate
+from .decode import make_cache
 from .errors import BlockPilotError
-from .generate import add_model_args, load_from_args
+from .generate import add_model_args, chat_prompt, load_from_args, stream_generate
 from .target import max_context
 
 MAX_BODY = 16 * 1024 * 1024
