@@ -24,7 +24,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -34,6 +33,7 @@ import mlx.core as mx
 from . import decode, target
 from .errors import BlockPilotError
 from .generate import add_model_args, block_size_arg, load_from_args
+from .prompts import load_prompts
 from .sampling import SamplingParams, greedy_tokens
 
 DEMO_BUNDLE = None  # no demo bundle is published yet
@@ -43,53 +43,8 @@ DEMO_BUNDLE = None  # no demo bundle is published yet
 
 
 def read_prompts(src, limit: Optional[int] = None) -> List[str]:
-    """Prompts from a .txt (one per line), a JSONL (``prompt`` key) or a ShareGPT JSON (first human turn).
-
-    The ShareGPT file is read record by record, so a truncated file still yields
-    its complete conversations.
-    """
-    path = Path(src)
-    if not path.is_file():
-        raise BlockPilotError(f"prompts file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    out: List[str] = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    out.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise BlockPilotError(f"line {i + 1} of {path} is not a JSON object with a 'prompt'") from None
-    elif path.suffix == ".json":
-        out = list(_sharegpt_prompts(text, limit))
-    else:
-        out = [line.strip() for line in text.splitlines() if line.strip()]
-    out = [p for p in out if p.strip()][:limit]
-    if not out:
-        raise BlockPilotError(f"no prompts found in {path}")
-    return out
-
-
-def _sharegpt_prompts(text: str, limit: Optional[int]) -> Iterator[str]:
-    decoder = json.JSONDecoder()
-    i = text.find("[")
-    if i < 0:
-        raise BlockPilotError("a .json prompts file must be a ShareGPT list of conversations")
-    i += 1
-    found = 0
-    while limit is None or found < limit:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            return
-        try:
-            record, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return  # a truncated last record
-        turns = record.get("conversations") if isinstance(record, dict) else None
-        if turns and turns[0].get("from") == "human" and str(turns[0].get("value", "")).strip():
-            found += 1
-            yield turns[0]["value"]
+    """Prompts from .txt / JSONL / ShareGPT JSON (``prompts.load_prompts``)."""
+    return load_prompts(src, limit=limit)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> List[List[int]]:

@@ -7,8 +7,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import write_draft, write_target
-from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_blockpilot.decode import generate
