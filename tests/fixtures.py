@@ -173,3 +173,17 @@ def write_draft(
     save_file(w, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return cfg
+
+
+def write_unsupported_gguf(path: Path, arch: str = "mamba") -> Path:
+    """A minimal GGUF file of an architecture the converter does not support."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -415,16 +415,11 @@ def _truncated_target(tmp, llama):
 
 
 def _gguf_arch(tmp, llama):
-    gguf = pytest.importorskip("gguf")
+    from fixtures import write_unsupported_gguf
+
     path = tmp / "src" / "mamba.gguf"
     path.parent.mkdir(parents=True)
-    w = gguf.GGUFWriter(str(path), "mamba")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_unsupported_gguf(path)
     return ["--target", path, "--draft", llama.draft_dir]
 
 

@@ -406,14 +406,9 @@ def test_llama3_rope_freqs_are_recovered():
 
 
 def test_unsupported_architecture(tmp_path):
-    src = tmp_path / "mamba.gguf"
-    w = gguf.GGUFWriter(str(src), "mamba")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from fixtures import write_unsupported_gguf
+
+    src = write_unsupported_gguf(tmp_path / "mamba.gguf")
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(BlockPilotError, match="'mamba'"):
