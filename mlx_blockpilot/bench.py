@@ -36,9 +36,6 @@ from .generate import add_model_args, block_size_arg, load_from_args
 from .prompts import load_prompts
 from .sampling import SamplingParams, greedy_tokens
 
-DEMO_BUNDLE = None  # no demo bundle is published yet
-
-
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -62,12 +59,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> List
 
 def resolve_model(args) -> Dict[str, Any]:
     """The one place that decides what is benchmarked: the bundle and its target/drafter dirs."""
-    if not (args.model or args.target or args.draft):
-        if DEMO_BUNDLE is None:
-            raise BlockPilotError(
-                "no demo bundle exists yet; pass --model BUNDLE, or --target DIR and --draft DIR"
-            )
-        args.model = DEMO_BUNDLE
     bundle = load_from_args(args)
     if args.model:
         target_dir, draft_dir = Path(args.target or Path(args.model) / "target"), Path(args.draft or Path(args.model) / "draft")
@@ -137,6 +128,8 @@ class Run:
     mean_acceptance: Optional[float] = None
     rounds: Optional[int] = None
     tokens: List[int] = field(default_factory=list)
+    policy_s: Optional[float] = None  # the policy's time after prefill ("ours auto")
+    policy_share: Optional[float] = None  # policy_s / the engine's own prefill time
     check: Optional[bool] = None  # same tokens as the reference (mlx-lm for ours, ours for dflash)
 
 
@@ -183,6 +176,8 @@ def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None) -> 
     return dict(
         tokens=tokens, prefill_s=prefill, decode_tokens_per_s=tps, block_size=r.block_size,
         mean_acceptance=r.mean_acceptance, rounds=len(r.acceptance_lengths),
+        policy_s=r.policy_s if policy is not None and block_size == "auto" else None,
+        policy_share=r.policy_s / r.prefill_s if policy is not None and block_size == "auto" and r.prefill_s else None,
     )
 
 
@@ -482,6 +477,9 @@ def summarize(runs: List[Run], costs, profile, n_prompts: int, settings) -> Dict
             row["chosen_block_sizes"] = [x["block_size"] for x in pp]
         if name == "ours auto":
             row["chosen_block_sizes"] = [x["block_size"] for x in pp]
+            mine = [r for r in runs if r.config == name]
+            row["policy_ms"] = 1e3 * _median([r.policy_s for r in mine])
+            row["policy_share_of_prefill"] = _median([r.policy_share for r in mine])
         if name.startswith("engine") and row["block_size"] in costs:
             c = costs[row["block_size"]]
             row["bound_tokens_per_s"] = row["mean_acceptance"] / (c["draft_s"] + c["verify_s"])
@@ -513,6 +511,8 @@ def markdown(results: Dict[str, Any]) -> str:
         notes = []
         if "chosen_block_sizes" in r:
             notes.append("sizes " + ",".join(str(b) for b in r["chosen_block_sizes"]))
+        if "policy_ms" in r:
+            notes.append(f"policy {r['policy_ms']:.2f} ms = {r['policy_share_of_prefill']:.2%} of prefill")
         if "bound_tokens_per_s" in r:
             notes.append(f"bound {r['bound_tokens_per_s']:.1f} tok/s, efficiency {r['efficiency']:.0%}")
         lines.append(

@@ -126,12 +126,6 @@ def sigint_sets(event: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def resolve_model_args(args) -> None:
-    """Where the model comes from when the user names none (a demo bundle, later)."""
-    if not (args.model or args.target or args.draft):
-        raise BlockPilotError("no model given; pass --model BUNDLE, or --target DIR --draft DIR")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_blockpilot.chat", description=__doc__.splitlines()[0])
     add_model_args(parser)
@@ -148,7 +142,6 @@ def main(argv=None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        resolve_model_args(args)
         SamplingParams(args.temp, args.top_p, args.top_k, args.seed)  # bad values fail before loading
         if args.max_tokens < 1:
             raise BlockPilotError(f"--max-tokens must be >= 1, got {args.max_tokens}")

@@ -52,7 +52,7 @@ def block_size_arg(value: str):
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model BUNDLE or --target DIR --draft DIR [--policy DIR] (shared by the CLIs)."""
-    parser.add_argument("--model", help="a converted bundle directory")
+    parser.add_argument("--model", help="a converted bundle directory (default: the offline SmolLM2 demo)")
     parser.add_argument("--target", help="an mlx-lm target model directory")
     parser.add_argument("--draft", help="a DFlash drafter directory (z-lab layout)")
     parser.add_argument("--policy", help="a BlockPilot policy directory")
@@ -68,7 +68,17 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine", action="store_true", help="move the block size round by round (lossless)")
 
 
+def resolve_model_args(args) -> None:
+    """No --model, --target or --draft: use the offline SmolLM2 demo (built on first use)."""
+    if not (args.model or args.target or args.draft):
+        from .demo import ensure_bundle
+
+        args.model = str(ensure_bundle())
+
+
 def load_from_args(args):
+    """The bundle the CLI arguments name (the demo when they name none)."""
+    resolve_model_args(args)
     if args.model:
         return load(args.model, policy=args.policy)
     if not (args.target and args.draft):

@@ -97,7 +97,8 @@ def _half_split(w: mx.array, head_dim: int) -> mx.array:
 
 
 def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
-    """A drafter whose layers start as copies of the target's last layers.
+    """A drafter whose layers start as copies of the target's last layers and whose
+    final norm is the target's (the shared head expects its scale and signs).
 
     ``fc`` starts by passing the last tapped layer through (plus small noise).
     """
@@ -117,6 +118,7 @@ def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
             if name.startswith("self_attn.rope"):
                 continue
             weights.append((f"layers.{i}.{name}", value.astype(mx.float32)))
+    weights.append(("norm.weight", target._inner(model).norm.weight.astype(mx.float32)))
     H, k = cfg.hidden_size, len(cfg.target_layer_ids)
     fc = 0.02 * mx.random.normal((H, k * H))
     fc = mx.concatenate([fc[:, : (k - 1) * H], fc[:, (k - 1) * H :] + mx.eye(H)], axis=1)
@@ -309,23 +311,55 @@ def save_draft(draft: DFlashDraft, out) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(draft.parameters())))
 
 
-def save_checkpoint(out: Path, draft, opt, step: int) -> None:
+def feature_scale(examples: Sequence[draft_data.Example], limit: int = 256) -> mx.array:
+    """RMS of every context-feature column over the first ``limit`` sequences.
+
+    The tapped layers carry a few massive activations (SmolLM2: one dimension near
+    2,000 where the median is ~10). Training ``fc`` on features divided by this scale
+    (and saving ``fc.weight / scale``) gives every column the same footing under Adam;
+    the saved drafter computes exactly the same function.
+    """
+    sq = np.zeros(examples[0].features.shape[1], np.float64)
+    n = 0
+    for e in examples[:limit]:
+        f = e.features.astype(np.float32)
+        sq += (f.astype(np.float64) ** 2).sum(0)
+        n += len(f)
+    return mx.array(np.maximum(np.sqrt(sq / max(n, 1)), 1e-3).astype(np.float32))
+
+
+def unscaled(draft: DFlashDraft, scale: mx.array) -> DFlashDraft:
+    """The drafter trained on features / ``scale``, as one that reads raw features."""
+    plain = DFlashDraft(draft.config)
+    weights = dict(tree_flatten(draft.parameters()))
+    weights["fc.weight"] = weights["fc.weight"] / scale
+    plain.load_weights(list(weights.items()), strict=True)
+    mx.eval(plain.parameters())
+    return plain
+
+
+def save_checkpoint(out: Path, draft, opt, step: int, scale: mx.array) -> None:
     ck = out / CHECKPOINT
     ck.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(ck / "draft.safetensors"), dict(tree_flatten(draft.parameters())))
     mx.save_safetensors(str(ck / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    mx.save_safetensors(str(ck / "feature_scale.safetensors"), {"scale": scale})
     (ck / "state.json").write_text(json.dumps({"step": step}))
-    save_draft(draft, out)
+    save_draft(unscaled(draft, scale), out)
 
 
-def load_checkpoint(out: Path, draft, opt) -> int:
+def load_checkpoint(out: Path, draft, opt):
+    """Restore ``draft`` and ``opt``; returns (step, feature scale)."""
     ck = out / CHECKPOINT
     if not (ck / "state.json").is_file():
         raise BlockPilotError(f"no checkpoint in {ck} to resume from; drop --resume")
+    if not (ck / "feature_scale.safetensors").is_file():
+        raise BlockPilotError(f"checkpoint {ck} was written by an older mlx_blockpilot; start again without --resume")
     draft.load_weights(list(mx.load(str(ck / "draft.safetensors")).items()), strict=True)
     opt.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
+    scale = mx.load(str(ck / "feature_scale.safetensors"))["scale"]
     mx.eval(draft.parameters(), opt.state)
-    return json.loads((ck / "state.json").read_text())["step"]
+    return json.loads((ck / "state.json").read_text())["step"], scale
 
 
 def read_log(path) -> List[Dict[str, Any]]:
@@ -386,7 +420,8 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
 ) -> List[Dict[str, Any]]:
-    """Train ``draft`` in place; returns the log records. Step ``s`` draws its batch
+    """Train ``draft`` in place (``fc`` preconditioned by ``feature_scale`` while
+    training, plain again at the end); returns the log records. Step ``s`` draws its batch
     from a generator seeded with ``(seed, s)``, so a resumed run repeats the same batches.
     ``stop_after`` ends this run early at that step (checkpointed; the schedule stays
     the one for ``steps``), for splitting a run across sessions with ``resume``."""
@@ -408,7 +443,12 @@ def train(
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     opt.init(draft.trainable_parameters())
     head = head_weight(model)
-    start = load_checkpoint(out, draft, opt) if resume else 0
+    if resume:
+        start, scale = load_checkpoint(out, draft, opt)
+    else:
+        start, scale = 0, feature_scale(examples)
+        draft.fc.weight = draft.fc.weight * scale
+    inv_scale = np.array(1.0 / scale)
     log_path = out / LOG
     records = [r for r in read_log(log_path) if r["step"] <= start] if resume else []
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -422,6 +462,7 @@ def train(
             rng = np.random.default_rng([seed, step])
             rows = rng.choice(usable, size=batch_size, replace=len(usable) < batch_size)
             batch = sample_batch(examples, rows, blocks_per_seq, B, cfg.mask_token_id, rng)
+            batch["features"] *= inv_scale
             targets = prepare_loss(batch, gamma, cfg.vocab_size, vocab_sample if head is not None else 0, rng)
             tic = time.perf_counter()
             loss, grads = loss_and_grad(draft, batch, targets)
@@ -432,14 +473,16 @@ def train(
             log.write(json.dumps(rec) + "\n")
             loss_value = rec["loss"]
             if eval_prompts and (step % eval_every == 0 or step == last):
-                acc = acceptance(model, draft, tokenizer, eval_prompts, B, eval_tokens)
+                acc = acceptance(model, unscaled(draft, scale), tokenizer, eval_prompts, B, eval_tokens)
                 rec = {"step": step, "acceptance": acc, "block_size": B}
                 records.append(rec)
                 log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.2f}" if acc is not None else "-")
             if step % checkpoint_every == 0 or step == last:
-                save_checkpoint(out, draft, opt, step)
+                save_checkpoint(out, draft, opt, step, scale)
+    draft.fc.weight = draft.fc.weight / scale
+    mx.eval(draft.parameters())
     save_draft(draft, out)
     plot_log(records, out / "loss.png")
     return records

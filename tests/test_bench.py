@@ -87,8 +87,8 @@ def test_true_continuation_draft_is_fully_accepted(qwen3):
     assert all(a == 4 for a in r.acceptance_lengths[:-1])
 
 
-def test_no_model_is_a_clear_error(prompts_txt, tmp_path, capsys):
-    assert bench.main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o")]) == 2
+def test_target_without_drafter_is_a_clear_error(prompts_txt, tmp_path, capsys):
+    assert bench.main(["--target", str(tmp_path), "--prompts", str(prompts_txt), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model BUNDLE" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -156,4 +156,6 @@ def test_policy_row_and_sampling(qwen3, prompts_txt, tmp_path):
     assert all(r["same_tokens"] is None for r in rows.values())
     assert len(rows["ours auto"]["chosen_block_sizes"]) == len(PROMPTS)
     assert set(rows["ours auto"]["chosen_block_sizes"]) <= {2, 3}
+    assert rows["ours auto"]["policy_ms"] > 0 and 0 < rows["ours auto"]["policy_share_of_prefill"]
+    assert "of prefill" in (out / "results.md").read_text()
     assert res["profile"] is None and res["costs"] == {}

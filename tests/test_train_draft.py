@@ -16,6 +16,7 @@ from mlx_blockpilot.draft_data import Example, distill, greedy_batch, load_data
 from mlx_blockpilot.train_draft import (
     block_hidden,
     block_loss,
+    feature_scale,
     init_draft,
     main,
     make_config,
@@ -23,6 +24,7 @@ from mlx_blockpilot.train_draft import (
     read_log,
     sample_batch,
     train,
+    unscaled,
 )
 
 LAYERS = (1, 3)
@@ -154,6 +156,30 @@ def test_loss_decreases_when_overfitting(qwen3, tmp_path):
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+
+
+def test_preconditioned_fc_is_folded_exactly(qwen3, tmp_path):
+    """Training reads features / scale; the saved drafter reads raw features and computes the same."""
+    data = _distilled(qwen3, tmp_path)
+    scale = feature_scale(data)
+    raw = np.concatenate([e.features.astype(np.float32) for e in data])
+    np.testing.assert_allclose(np.sqrt(((raw / np.array(scale)) ** 2).mean(0)), 1.0, rtol=1e-3)
+    cfg = make_config(qwen3.model, 1, LAYERS, 5, qwen3.mask_id)
+    trained = init_draft(qwen3.model, cfg, seed=3)
+    trained.fc.weight = trained.fc.weight * mx.random.uniform(0.5, 2.0, trained.fc.weight.shape)
+    batch = sample_batch(data, [0, 1], 3, 5, qwen3.mask_id, np.random.default_rng(0))
+    scaled = dict(batch, features=batch["features"] / np.array(scale))
+    np.testing.assert_allclose(np.array(block_hidden(unscaled(trained, scale), qwen3.model, batch)),
+                               np.array(block_hidden(trained, qwen3.model, scaled)), atol=1e-4, rtol=1e-4)
+
+    draft = init_draft(qwen3.model, cfg)
+    before = np.array(block_hidden(draft, qwen3.model, batch))
+    train(qwen3.model, qwen3.tokenizer, draft, data, tmp_path / "out", 1, batch_size=2, blocks_per_seq=2,
+          lr=1e-9, warmup=0, vocab_sample=0, progress=False)
+    np.testing.assert_allclose(np.array(block_hidden(draft, qwen3.model, batch)), before, atol=1e-3, rtol=1e-3)
+    saved = load_draft(tmp_path / "out")
+    np.testing.assert_allclose(np.array(block_hidden(saved, qwen3.model, batch)),
+                               np.array(block_hidden(draft, qwen3.model, batch)), atol=1e-5, rtol=1e-5)
 
 
 def _cli(tiny, prompts_file, out, steps, *extra):
