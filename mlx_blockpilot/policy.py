@@ -149,7 +149,7 @@ class BlockPolicy(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         x = self._features(x)
         for i, layer in enumerate(self.layers):
-            h = nn.relu(layer(x))
+            h = nn.relu(_linear(layer, x) if i == 0 else layer(x))
             x = h if i == 0 else x + h
         return self.fc_out(x)
 
@@ -167,6 +167,16 @@ class BlockPolicy(nn.Module):
         return x.astype(self.dtype)
 
 
+def _linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """``layer(x)``; one feature vector goes through ``W @ x``: on MLX's CPU backend
+    ``x @ W.T`` with a single row and a narrow layer is up to 100x slower (measured:
+    0.9 ms against 180 ms for 49152 -> 64)."""
+    if type(layer) is not nn.Linear or x.ndim != 1:
+        return layer(x)
+    y = layer.weight @ x
+    return y + layer.bias if "bias" in layer else y
+
+
 def choose_block_size(policy: BlockPolicy, features: Any) -> int:
     """The block size the policy picks for one prompt's feature vector.
 
@@ -178,7 +188,7 @@ def choose_block_size(policy: BlockPolicy, features: Any) -> int:
             f"choose_block_size takes one feature vector, got shape {tuple(x.shape)}; "
             f"pass the features of a single prompt"
         )
-    k = mx.argmax(policy(x).reshape(-1)).item()
+    k = mx.argmax(policy(x.reshape(-1)).reshape(-1)).item()
     return policy.config.block_sizes[k]
 
 

@@ -78,6 +78,8 @@ def test_matches_numpy_reference(num_layers):
     got = np.array(policy(mx.array(x)))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     assert (got.argmax(1) == ref.argmax(1)).all()
+    # A single vector takes the matrix-vector path; same numbers.
+    np.testing.assert_allclose(np.array(policy(mx.array(x[7]))), ref[7], atol=1e-4, rtol=1e-4)
     # One vector at a time, in each accepted shape, through choose_block_size.
     for row, r in zip(x[:20], ref[:20]):
         expected = 14 + int(r.argmax())

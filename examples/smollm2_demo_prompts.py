@@ -1,0 +1,38 @@
+"""Write the SmolLM2 demo's prompt splits as JSONL (``{"prompt": ...}`` per line).
+
+- ``heldout.jsonl``: the 40 prompts ``train_draft --limit 3000 --holdout 40`` never trained
+  on (ShareGPT first human turns of 20-600 characters, numbers 2960-2999);
+- ``policy.jsonl``: the next ``--policy-prompts`` prompts (3000 onwards), for the policy's
+  sweep; the drafter never saw them either.
+
+    python examples/smollm2_demo_prompts.py --out /work/runs/prompts
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from mlx_blockpilot.prompts import load_prompts
+
+TRAINED, HELD_OUT = 3000, 40
+
+
+def write(path: Path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    print(f"{path}: {len(prompts)} prompts")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--policy-prompts", type=int, default=160)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_prompts("sharegpt", limit=TRAINED + args.policy_prompts, min_chars=20, max_chars=600)
+    write(out / "heldout.jsonl", texts[TRAINED - HELD_OUT : TRAINED])
+    write(out / "policy.jsonl", texts[TRAINED:])
+
+
+if __name__ == "__main__":
+    main()
