@@ -5,8 +5,9 @@ machine noise hits all rows alike:
 
 - ``mlx-lm``: the target alone with ``mlx_lm.stream_generate`` (the baseline);
 - ``ours B=N``: our speculative decoding at each fixed block size, ``ours auto``
-  with the bundle's policy, and ``oracle``: the best fixed size per prompt (from
-  the same runs);
+  with the bundle's policy (its time and share of prefill are reported),
+  ``ours auto+refine`` the same with per-round refinement, and ``oracle``: the best
+  fixed size per prompt (from the same runs);
 - ``dflash B=N``: the official ``dflash.model_mlx.stream_generate`` (when
   installed) on its own copy of the target, checked to give our tokens at T=0;
 - ``engine B=N``: our loop with a drafter that pays the real drafter's cost but
@@ -166,9 +167,9 @@ def run_mlx_lm(model, tokenizer, prompt, opts) -> Dict[str, Any]:
     return dict(tokens=tokens, prefill_s=prefill, decode_tokens_per_s=tps)
 
 
-def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None) -> Dict[str, Any]:
+def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None, refine=False) -> Dict[str, Any]:
     stream = decode.stream_generate(
-        model, draft, tokenizer, prompt, block_size=block_size, policy=policy,
+        model, draft, tokenizer, prompt, block_size=block_size, policy=policy, refine=refine,
         max_tokens=opts["max_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
         top_k=opts["top_k"], seed=opts.get("seed"),
     )
@@ -359,7 +360,7 @@ def run_benchmark(
     configs: List[tuple] = [("mlx-lm", None)]
     configs += [(f"ours B={b}", b) for b in block_sizes]
     if bundle.policy is not None:
-        configs.append(("ours auto", "auto"))
+        configs += [("ours auto", "auto"), ("ours auto+refine", "auto")]
     configs += [(f"dflash B={b}", b) for b in dflash_sizes]
     configs += [(f"engine B={b}", b) for b in engine_sizes]
 
@@ -367,7 +368,7 @@ def run_benchmark(
         if name == "mlx-lm":
             return run_mlx_lm(model, tok, prompt, opts)
         if name.startswith("ours"):
-            return run_ours(model, draft, tok, prompt, opts, b, policy=bundle.policy)
+            return run_ours(model, draft, tok, prompt, opts, b, policy=bundle.policy, refine=name.endswith("+refine"))
         if name.startswith("dflash"):
             return run_official(official, tok, prompt, opts, b)
         oracle = TrueContinuationDraft(draft, list(prompt) + reference, vocab)
@@ -456,7 +457,7 @@ def summarize(runs: List[Run], costs, profile, n_prompts: int, settings) -> Dict
             name = max(fixed, key=lambda n: per_prompt[n][p]["decode_tokens_per_s"] or 0.0)
             best.append(dict(per_prompt[name][p]))
         per_prompt["oracle"] = best
-        names.insert(names.index(fixed[-1]) + 1 + ("ours auto" in names), "oracle")
+        names.insert(names.index(fixed[-1]) + 1 + sum(n.startswith("ours auto") for n in names), "oracle")
 
     base = _mean([x["decode_tokens_per_s"] for x in per_prompt["mlx-lm"]])
     table = []
@@ -475,7 +476,7 @@ def summarize(runs: List[Run], costs, profile, n_prompts: int, settings) -> Dict
         }
         if name == "oracle":
             row["chosen_block_sizes"] = [x["block_size"] for x in pp]
-        if name == "ours auto":
+        if name.startswith("ours auto"):
             row["chosen_block_sizes"] = [x["block_size"] for x in pp]
             mine = [r for r in runs if r.config == name]
             row["policy_ms"] = 1e3 * _median([r.policy_s for r in mine])

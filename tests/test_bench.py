@@ -152,7 +152,7 @@ def test_policy_row_and_sampling(qwen3, prompts_txt, tmp_path):
     res = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in res["table"]}
     # no token checks and no true-continuation rows when sampling
-    assert set(rows) == {"mlx-lm", "ours B=2", "ours auto", "oracle"}
+    assert set(rows) == {"mlx-lm", "ours B=2", "ours auto", "ours auto+refine", "oracle"}
     assert all(r["same_tokens"] is None for r in rows.values())
     assert len(rows["ours auto"]["chosen_block_sizes"]) == len(PROMPTS)
     assert set(rows["ours auto"]["chosen_block_sizes"]) <= {2, 3}
