@@ -11,6 +11,8 @@
    through one block-sparse attention pass. The head is the costly part, so the
    softmax runs over the batch's label tokens plus a uniform sample of the rest of
    the vocabulary (``--vocab-sample``; log-correction for the sampled share).
+   ``fc`` trains on features divided by their per-column RMS (``feature_scale``),
+   folded back into the saved weights.
 3. Checkpoints (``--resume``), a JSONL log, a loss plot and held-out acceptance
    measured with ``decode.generate``; the output directory is a z-lab drafter.
 """
@@ -322,9 +324,8 @@ def feature_scale(examples: Sequence[draft_data.Example], limit: int = 256) -> m
     sq = np.zeros(examples[0].features.shape[1], np.float64)
     n = 0
     for e in examples[:limit]:
-        f = e.features.astype(np.float32)
-        sq += (f.astype(np.float64) ** 2).sum(0)
-        n += len(f)
+        sq += (e.features.astype(np.float64) ** 2).sum(0)
+        n += len(e.features)
     return mx.array(np.maximum(np.sqrt(sq / max(n, 1)), 1e-3).astype(np.float32))
 
 
