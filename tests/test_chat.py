@@ -106,7 +106,6 @@ def test_bundle_and_seeded_sampling(llama, tmp_path):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        ([], "--model"),
         (["--temp", "-1"], "temperature"),
         (["--top-p", "0"], "top-p"),
         (["--max-tokens", "0"], "max-tokens"),
