@@ -114,8 +114,7 @@ def test_bundle_and_seeded_sampling(llama, tmp_path):
     ],
 )
 def test_bad_arguments(llama, capsys, argv, match):
-    args = argv if not argv else [*map(str, model_args(llama)), *argv]
-    code = main(args)
+    code = main([*map(str, model_args(llama)), *argv])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.startswith("error: ") and match in err and err.count("\n") == 1
 
