@@ -5,12 +5,11 @@ The official weights (``utils/model.pt`` in AMAP-ML/BlockPilot) are a
 (``weights_only=True``), and otherwise with a small reader that understands the
 torch zip format and accepts nothing but a plain state dict of tensors: any
 other pickled object is refused before it could run. ``.safetensors`` files are
-read directly.
+read with the ``safetensors`` library (bf16 ones through ``mx.load``).
 """
 
 import collections
 import importlib.util
-import json
 import pickle
 import re
 import struct
@@ -21,18 +20,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
+from mlx_blockpilot.dtypes import check_dtype, check_quantization
 from mlx_blockpilot.errors import BlockPilotError
-from mlx_blockpilot.policy import (
-    BlockPolicy,
-    PolicyConfig,
-    check_quantization,
-    quantize_policy,
-    save_policy,
-)
+from mlx_blockpilot.policy import BlockPolicy, PolicyConfig, quantize_policy, save_policy
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 PathLike = Union[str, Path]
 
 
@@ -238,49 +232,43 @@ def _read_archive(path: Path, zf: zipfile.ZipFile) -> Dict[str, np.ndarray]:
     return dict(obj)
 
 
-_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bfloat16"}
+SAFETENSORS_FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 def _read_safetensors(path: Path) -> Dict[str, np.ndarray]:
-    """Read a safetensors file (including bf16, which numpy has no dtype for)."""
-    data = path.read_bytes()
+    """Read a safetensors file with the ``safetensors`` library (bf16 through MLX)."""
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-    except (struct.error, ValueError) as e:
-        raise _corrupt(path, f"bad safetensors header: {e}")
-    if not isinstance(header, dict):
-        raise _corrupt(path, "bad safetensors header")
-    body = memoryview(data)[8 + n :]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            out[name] = _safetensors_tensor(path, name, info, body)
-        except BlockPilotError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise _corrupt(path, f"bad entry for {name}: {e}")
-    return out
+        with safe_open(str(path), framework="numpy") as f:
+            dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+            _check_float_dtypes(path, dtypes)
+            out = {n: f.get_tensor(n).astype(np.float32) for n, d in dtypes.items() if d != "BF16"}
+    except SafetensorError as e:
+        raise _corrupt(path, e)
+    bf16 = [n for n, d in dtypes.items() if d == "BF16"]
+    if bf16:
+        out.update(_read_bf16(path, bf16, "F64" in dtypes.values()))
+    return {n: out[n] for n in dtypes}
 
 
-def _safetensors_tensor(path: Path, name: str, info: dict, body: memoryview) -> np.ndarray:
-    dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _SAFETENSORS_DTYPES:
+def _check_float_dtypes(path: Path, dtypes: Dict[str, str]) -> None:
+    for name, dtype in dtypes.items():
+        if dtype not in SAFETENSORS_FLOATS:
+            raise BlockPilotError(
+                f"{path}: tensor {name} has dtype {dtype}; only float tensors are supported"
+            )
+
+
+def _read_bf16(path: Path, names: List[str], has_f64: bool) -> Dict[str, np.ndarray]:
+    """bf16 tensors, which numpy has no dtype for, read with ``mx.load`` as float32."""
+    if has_f64:  # mx.load refuses the whole file when any tensor is float64
         raise BlockPilotError(
-            f"{path}: tensor {name} has dtype {dtype}; only float tensors are supported"
+            f"{path} mixes bfloat16 and float64 tensors; save it in a single float dtype"
         )
-    if end > len(body) or not 0 <= start <= end:
-        raise _corrupt(path, f"tensor {name} lies past the end of the file")
-    code = _SAFETENSORS_DTYPES[dtype]
-    if code == "bfloat16":
-        arr = (np.frombuffer(body[start:end], "<u2").astype(np.uint32) << 16).view(np.float32)
-    else:
-        arr = np.frombuffer(body[start:end], code)
-    if arr.size != int(np.prod(shape, dtype=np.int64)):
-        raise _corrupt(path, f"tensor {name} has {arr.size} values for shape {shape}")
-    return arr.reshape(shape).astype(np.float32)
+    try:
+        tensors = mx.load(str(path))
+        return {n: np.array(tensors[n].astype(mx.float32)) for n in names}
+    except (RuntimeError, ValueError) as e:
+        raise _corrupt(path, e)
 
 
 # ---------------------------------------------------------------------------
@@ -371,13 +359,12 @@ def convert_policy(
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise BlockPilotError(f"output directory {out_dir} does not exist; create it first")
-    if dtype not in DTYPES:
-        raise BlockPilotError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = check_dtype(dtype)
 
     sd = read_state_dict(src)
     config = policy_config_from_state_dict(sd, block_sizes, input_kind)
     if q_bits is not None:
-        check_quantization(q_bits, q_group_size, config.input_size)
+        check_quantization(q_bits, q_group_size, "policy", config.input_size)
     for key, value in sd.items():
         if not np.isfinite(value).all():
             raise BlockPilotError(
@@ -385,7 +372,6 @@ def convert_policy(
             )
 
     policy = BlockPolicy(config)
-    target = DTYPES[dtype]
     weights = [(k, mx.array(sd.pop(k)).astype(target)) for k in list(sd)]
     policy.load_weights(weights, strict=True)
     del weights

@@ -7,7 +7,6 @@ as ``config.json`` (the source config plus a ``quantization`` entry) and one
 ``model.safetensors``.
 """
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -15,10 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_blockpilot.draft import load_draft, read_draft_config
+from mlx_blockpilot.draft import load_draft, read_draft_config, save_draft
+from mlx_blockpilot.dtypes import check_dtype, check_quantization
 from mlx_blockpilot.errors import BlockPilotError
-
-from .hf import DTYPES, check_quantization
 
 PathLike = Union[str, Path]
 
@@ -37,8 +35,7 @@ def convert_draft(
     full precision (``load_draft`` quantizes exactly the layers that have scales).
     """
     src, out_dir = Path(src), Path(out_dir)
-    if dtype is not None and dtype not in DTYPES:
-        raise BlockPilotError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = check_dtype(dtype)
     cfg, raw = read_draft_config(src)
     if q_bits is not None:
         check_quantization(q_bits, q_group_size, "drafter")
@@ -48,7 +45,7 @@ def convert_draft(
             )
     model = load_draft(src)
     if dtype is not None:
-        model.set_dtype(getattr(mx, dtype))
+        model.set_dtype(dtype)
     raw = dict(raw)
     if q_bits is not None:
         nn.quantize(
@@ -58,11 +55,8 @@ def convert_draft(
             class_predicate=lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % q_group_size == 0,
         )
         raw["quantization"] = {"group_size": q_group_size, "bits": q_bits}
+    save_draft(model, out_dir, raw)
     weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     floats = [v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating) and k.endswith("norm.weight")]
     quant = raw.get("quantization")
     return {

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 import mlx.core as mx
 import numpy as np
 
+from mlx_blockpilot.dtypes import check_dtype
 from mlx_blockpilot.errors import BlockPilotError
 
 GROUP_SIZE = 32  # every GGUF block quantization MLX reads uses 32-element blocks
@@ -26,7 +27,6 @@ HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 TOP_MODULES = {
     "token_embd": "model.embed_tokens",
@@ -136,11 +136,7 @@ def convert_gguf(
 def _check_dtype(dtype: Optional[str], dequantize: bool) -> Optional[mx.Dtype]:
     if dtype is None:
         return mx.float32 if dequantize else None
-    if dtype not in DTYPES:
-        raise BlockPilotError(
-            f"Unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}."
-        )
-    return DTYPES[dtype]
+    return check_dtype(dtype)
 
 
 def _check_out_dir(out_dir: Union[str, Path]) -> Path:

@@ -8,15 +8,16 @@ result is exactly what ``mlx_lm.convert`` would write and ``mlx_lm.load`` reads.
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from safetensors import SafetensorError, safe_open
+
+from mlx_blockpilot.dtypes import check_dtype, check_quantization
 from mlx_blockpilot.errors import BlockPilotError
 
 PathLike = Union[str, Path]
-DTYPES = ("float16", "bfloat16", "float32")
-QUANT_BITS = (4, 8)
-QUANT_GROUP_SIZES = (32, 64, 128)
 
 # "org/name" as the hub spells repo ids (no leading slash, no dots-only parts).
 _REPO_ID = re.compile(r"^(?!\.)[\w.-]+/(?!\.)[\w.-]+$")
@@ -87,10 +88,9 @@ def convert_target(
     """
     from mlx_lm.convert import convert
 
-    if dtype is not None and dtype not in DTYPES:
-        raise BlockPilotError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     if quantize:
-        check_quantization(q_bits, q_group_size)
+        check_quantization(q_bits, q_group_size, "target")
     src, out_dir = Path(src), Path(out_dir)
     if quantize and "quantization" in read_config(src):
         raise BlockPilotError(f"target {src} is already quantized; drop --quantize or give a full-precision checkpoint")
@@ -131,25 +131,19 @@ SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 def weights_dtype(path: PathLike) -> Optional[str]:
     """The most common float dtype among the safetensors in ``path`` (headers only)."""
-    counts: Dict[str, int] = {}
+    counts: Counter = Counter()
     for f in sorted(Path(path).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES:
-                key = SAFETENSORS_DTYPES[info["dtype"]]
-                counts[key] = counts.get(key, 0) + 1
-    return max(counts, key=counts.get) if counts else None
+        counts.update(d for d in _tensor_dtypes(f) if d in SAFETENSORS_DTYPES)
+    return SAFETENSORS_DTYPES[counts.most_common(1)[0][0]] if counts else None
 
 
-def check_quantization(bits: Any, group_size: Any, what: str = "target") -> None:
-    if bits not in QUANT_BITS:
-        raise BlockPilotError(f"{what} quantization bits must be one of {QUANT_BITS}, got {bits!r}")
-    if group_size not in QUANT_GROUP_SIZES:
-        raise BlockPilotError(
-            f"{what} quantization group size must be one of {QUANT_GROUP_SIZES}, got {group_size!r}"
-        )
+def _tensor_dtypes(file: Path) -> List[str]:
+    """The safetensors dtype name ("F32", "BF16", ...) of each tensor in ``file``."""
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return [f.get_slice(name).get_dtype() for name in f.keys()]
+    except SafetensorError as e:
+        raise BlockPilotError(f"cannot read {file}: {e}") from None
 
 
 def find_files(directory: PathLike, suffixes: Sequence[str]) -> List[Path]:

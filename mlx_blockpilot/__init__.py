@@ -7,16 +7,19 @@
         print(r.text, end="", flush=True)
 """
 
+from .api import chat_prompt, generate, stream_generate
 from .bundle import Bundle, load
-from .decode import GenerationResponse, PromptCache, make_cache
+from .cache import PromptCache, make_cache
+from .decode import GenerationResponse
 from .errors import BlockPilotError
-from .generate import chat_prompt, generate, stream_generate
+from .options import GenerationOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockPilotError",
     "Bundle",
+    "GenerationOptions",
     "GenerationResponse",
     "PromptCache",
     "chat_prompt",

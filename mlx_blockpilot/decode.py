@@ -1,28 +1,217 @@
 """Speculative decoding: prefill -> choose the block size -> rounds of draft/verify/accept.
 
-A round with block size B drafts B - 1 tokens in one drafter pass, verifies
-``[last, d1 .. d(B-1)]`` in one target pass, keeps the longest accepted prefix plus
-one target token, and trims the target's KV cache back to the committed tokens.
-The round is one lazy MLX graph evaluated with a single host sync.
+``generate_step`` is the token-level generator of one generation (as mlx-lm's
+``generate_step``): it prefills, asks the schedule for each round's width and yields
+a ``Step`` with the tokens each round committed. ``stream_generate`` puts text and
+statistics on top. A round with width B drafts B - 1 tokens in one drafter pass,
+verifies ``[last, d1 .. d(B-1)]`` in one target pass, keeps the longest accepted
+prefix plus one target token, and commits them to the prompt cache; it is one lazy
+MLX graph evaluated with a single host sync.
 """
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import common_prefix_len
 
 from . import target
-from .errors import BlockPilotError
-from .sampling import SamplingParams, accept_greedy, accept_sampled, greedy_tokens, probabilities, sample
+from .cache import PromptCache, make_cache
+from .options import PREFILL_STEP_SIZE, GenerationOptions, check_prompt_length
+from .sampling import accept_greedy, accept_sampled, greedy_tokens, probabilities, sample
+from .schedule import choose_block_size, make_schedule
 
-BlockSize = Union[int, str]
+__all__ = ["GenerationResponse", "Prefill", "PromptCache", "Step", "generate", "generate_step", "make_cache",
+           "policy_features", "prefill", "stream_generate"]
+
+
+@dataclass
+class Prefill:
+    """What the prefill pass gives: the last prompt token's ``logits`` ``(V,)``, the tapped
+    features ``hidden`` ``(1, n, F)`` of the ``n`` prompt tokens it ran, and how many
+    prompt tokens the cache already held (``reused``); ``seconds`` from the start of the
+    prefill to the first generated token (set by ``generate_step``)."""
+
+    logits: mx.array
+    hidden: Optional[mx.array]
+    reused: int
+    seconds: float = 0.0
+
+
+@dataclass
+class Step:
+    """What ``generate_step`` yields: the prefill's first token, then one per round.
+
+    ``width`` is the round's block size (0 for the prefill step); ``tokens`` are what it
+    committed (its acceptance length is ``len(tokens)``, cut at EOS or ``max_tokens``).
+    The first step carries the ``prefill``, the generation's ``block_size`` and the
+    policy's time; ``timings`` (seconds of ``draft``, ``verify``, ``host``) only when asked for.
+    """
+
+    tokens: List[int]
+    width: int = 0
+    finish_reason: Optional[str] = None
+    prefill: Optional[Prefill] = None
+    block_size: Optional[int] = None
+    policy_s: float = 0.0
+    timings: Optional[Dict[str, float]] = None
+
+
+def prefill(model, draft, cache: PromptCache, prompt: List[int], step: int = PREFILL_STEP_SIZE) -> Prefill:
+    """Bring ``cache`` up to ``prompt``: reuse its shared prefix, run the target over the
+    rest in chunks of ``step`` (as mlx-lm does) and commit it. The last chunk stays lazy."""
+    reused = cache.reuse(prompt)
+    tokens, ids = prompt[reused:], draft.config.target_layer_ids
+    arr = mx.array(tokens)
+    hidden = []
+    start = 0
+    while len(tokens) - start > 1:
+        end = min(start + step, len(tokens) - 1)
+        _, h = target.forward(model, arr[None, start:end], cache.target, ids)
+        mx.eval([c.state for c in cache.target], h)
+        hidden.append(h)
+        start = end
+        mx.clear_cache()
+    logits, h = target.forward(model, arr[None, start:], cache.target, ids)
+    hidden.append(h)
+    hidden = mx.concatenate(hidden, axis=1) if hidden[0] is not None else None
+    cache.commit(tokens, hidden, len(tokens))
+    return Prefill(logits[0, -1], hidden, reused)
+
+
+def policy_features(model, draft, logits: mx.array, hidden: mx.array, kind: str) -> mx.array:
+    """What a policy reads after prefill, from that same pass: the last prompt token's
+    logits, or its hidden state at the deepest layer the drafter taps."""
+    if kind == "logits":
+        return logits
+    ids = list(draft.config.target_layer_ids)
+    h = target.hidden_size(model)
+    j = ids.index(max(ids))
+    return hidden[0, -1, j * h : (j + 1) * h]
+
+
+def _round(model, draft, cache: PromptCache, last: int, width: int, opts: GenerationOptions, key, timings=None):
+    """One round's lazy graph: draft ``width - 1`` tokens, verify them, accept a prefix.
+
+    Returns ``(drafted, accepted, next_token, hidden)``: the drafted tokens, how many of
+    them the target accepts, the target's own next token and the verify pass's features.
+    """
+    cfg = draft.config
+    last_arr = mx.array([[last]])
+    tic = time.perf_counter()
+    if width > 1:
+        # The drafter sees [last, MASK, ...] and the committed context it has not read yet.
+        block = mx.array([[last] + [cfg.mask_token_id] * (width - 1)])
+        logits = draft.propose(model, block, cache.take_pending(), cache.draft)
+        if opts.greedy:
+            drafted = greedy_tokens(logits)
+        else:
+            draft_probs = probabilities(logits, opts)
+            key, draft_key = mx.random.split(key)
+            drafted = sample(draft_probs, draft_key)
+        verify = mx.concatenate([last_arr, drafted[None].astype(last_arr.dtype)], axis=1)
+    else:
+        drafted = mx.zeros((0,), dtype=mx.int32)
+        draft_probs = mx.zeros((0, target.vocab_size(model)))
+        verify = last_arr
+    if timings is not None:  # profiling only: a sync between the two passes
+        mx.eval(drafted)
+        timings["draft"] = time.perf_counter() - tic if width > 1 else 0.0
+        tic = time.perf_counter()
+    # One target pass over [last, d1 .. d(B-1)]: logits[i] is the target's distribution
+    # for the token after verify[i], so logits[:-1] judge d1..d(B-1) and logits[a] gives
+    # the token after the accepted prefix of length a.
+    logits, hidden = target.forward(model, verify, cache.target, cfg.target_layer_ids)
+    if opts.greedy:  # keep d_i while it equals the target's argmax
+        accepted, nxt = accept_greedy(drafted, logits[0])
+    else:  # keep d_i with prob min(1, p/q); resample the first rejection from max(p - q, 0)
+        accepted, nxt = accept_sampled(drafted, draft_probs, logits[0], opts, key)
+    if timings is not None:
+        mx.eval(accepted, nxt, hidden)
+        timings["verify"] = time.perf_counter() - tic
+    return drafted, accepted, nxt, hidden
+
+
+def generate_step(
+    model: nn.Module,
+    draft,
+    prompt: List[int],
+    options: GenerationOptions,
+    *,
+    eos: Sequence[int] = (),
+    policy=None,
+    prompt_cache: Optional[PromptCache] = None,
+    timed: bool = False,
+) -> Generator[Step, None, None]:
+    """Generate from the token ids ``prompt``, yielding a ``Step`` per round.
+
+    ``options.block_size`` must be resolved (an int, or ``"auto"`` with a ``policy``).
+    Greedy output equals the target's own greedy decoding; with ``temperature > 0`` the
+    output is distributed as the target's (speculative sampling). ``timed`` adds a sync
+    after each pass to time it (profiling; slower). Closing the generator between steps
+    leaves the cache holding exactly the committed tokens.
+    """
+    check_prompt_length(len(prompt), None)
+    cache = prompt_cache if prompt_cache is not None else make_cache(model, draft)
+    context = target.max_context(model)
+    seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
+    key = mx.random.key(seed)
+    eos = set(eos)
+    max_tokens = options.max_tokens
+
+    with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
+        tic = time.perf_counter()
+        pre = prefill(model, draft, cache, list(prompt), options.prefill_step_size)
+        key, first_key = mx.random.split(key)
+        first = greedy_tokens(pre.logits) if options.greedy else sample(probabilities(pre.logits, options), first_key)
+        last = first.item()
+        pre.seconds = time.perf_counter() - tic
+        tic = time.perf_counter()
+        width = choose_block_size(
+            options.block_size, policy, lambda kind: policy_features(model, draft, pre.logits, pre.hidden, kind)
+        )
+        policy_s = time.perf_counter() - tic
+        schedule = make_schedule(width, options.block_size, policy, options.refine)
+        n = 1
+        finish = "stop" if last in eos else "length" if max_tokens == 1 else None
+        yield Step([last], 0, finish, pre, width, policy_s)
+        if finish:
+            return
+
+        while True:
+            room = max_tokens - n
+            if context is not None:
+                room = min(room, context - len(cache.tokens))
+            if room <= 0:
+                yield Step([], 0, "length")
+                return
+            w = min(schedule.width, room)
+            key, round_key = mx.random.split(key)
+            timings = {} if timed else None
+            drafted, accepted, nxt, hidden = _round(model, draft, cache, last, w, options, round_key, timings)
+            tic = time.perf_counter()
+            out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
+            values = out.tolist()  # the round's one host sync
+            a = values[w - 1]
+            new = (values[:a] + [values[w]])[: max_tokens - n]
+            stop_at = next((i for i, t in enumerate(new) if t in eos), None)
+            if stop_at is not None:
+                new = new[: stop_at + 1]
+            # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
+            cache.commit([last] + new[:-1], hidden, w)
+            schedule.update(len(new), w)
+            n += len(new)
+            last = new[-1]
+            finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None
+            if timings is not None:
+                timings["host"] = time.perf_counter() - tic
+            yield Step(new, w, finish, timings=timings)
+            if finish:
+                return
 
 
 @dataclass
@@ -40,142 +229,12 @@ class GenerationResponse:
     policy_s: float = 0.0
     finish_reason: Optional[str] = None
     peak_memory_gb: float = 0.0
+    reused_tokens: int = 0
 
     @property
     def mean_acceptance(self) -> float:
         a = self.acceptance_lengths
         return sum(a) / len(a) if a else 0.0
-
-
-@dataclass
-class PromptCache:
-    """Everything a generation leaves behind for the next one (multi-turn chat).
-
-    ``tokens`` are the ids whose K/V sit in the target cache; the drafter has seen
-    the first ``draft[0].offset`` of them and ``pending`` holds the target hidden
-    states of the rest.
-    """
-
-    target: List[Any]
-    draft: List[Any]
-    tokens: List[int] = field(default_factory=list)
-    pending: Optional[mx.array] = None
-
-
-def make_cache(model: nn.Module, draft) -> PromptCache:
-    return PromptCache(make_prompt_cache(model), draft.make_cache())
-
-
-def _reuse(cache: PromptCache, prompt: List[int]) -> int:
-    """Trim ``cache`` to the longest prefix it shares with ``prompt``; return its length."""
-    keep = min(common_prefix_len(cache.tokens, prompt), len(prompt) - 1)
-    drafted = cache.draft[0].offset if cache.draft else 0
-    have_pending = 0 if cache.pending is None else cache.pending.shape[1]
-    if drafted + have_pending != len(cache.tokens) or not all(c.is_trimmable() for c in cache.target):
-        keep = 0
-    for c in cache.target:
-        c.trim(c.offset - keep)
-    if drafted > keep:
-        for c in cache.draft:
-            c.trim(drafted - keep)
-        cache.pending = None
-    elif cache.pending is not None:
-        cache.pending = cache.pending[:, : keep - drafted] if keep > drafted else None
-    cache.tokens = cache.tokens[:keep]
-    return keep
-
-
-def _prefill(model, tokens: List[int], cache: PromptCache, layer_ids, step: int):
-    """Run the target over ``tokens`` in chunks (as mlx-lm does): last-token logits."""
-    arr = mx.array(tokens)
-    hidden = [] if cache.pending is None else [cache.pending]
-    start = 0
-    while len(tokens) - start > 1:
-        end = min(start + step, len(tokens) - 1)
-        _, h = target.forward(model, arr[None, start:end], cache.target, layer_ids)
-        mx.eval([c.state for c in cache.target], h)
-        hidden.append(h)
-        start = end
-        mx.clear_cache()
-    logits, h = target.forward(model, arr[None, start:], cache.target, layer_ids)
-    hidden.append(h)
-    cache.tokens.extend(tokens)
-    cache.pending = mx.concatenate(hidden, axis=1) if hidden[0] is not None else None
-    return logits[0, -1]
-
-
-def policy_features(model, draft, logits: mx.array, hidden: mx.array, kind: str) -> mx.array:
-    """What a policy reads after prefill, from that same pass: the last prompt token's
-    logits, or its hidden state at the deepest layer the drafter taps."""
-    if kind == "logits":
-        return logits
-    ids = list(draft.config.target_layer_ids)
-    h = target.hidden_size(model)
-    j = ids.index(max(ids))
-    return hidden[0, -1, j * h : (j + 1) * h]
-
-
-def choose_block_size(block_size: BlockSize, policy, features: Callable[[str], mx.array]) -> int:
-    """The one place where a generation's block size is decided (after prefill).
-
-    ``features(kind)`` gives the prefill's features of that kind for the policy.
-    """
-    if block_size == "auto":
-        if policy is None:
-            raise BlockPilotError("block size 'auto' needs a policy; pass --block-size N or a bundle with a policy")
-        from .policy import choose_block_size as policy_choice
-
-        return policy_choice(policy, features(policy.config.input_kind))
-    if not isinstance(block_size, int) or block_size < 1:
-        raise BlockPilotError(f"block size must be an integer >= 1 or 'auto', got {block_size!r}")
-    return block_size
-
-
-def refine_window(width: int, block_size: BlockSize, policy) -> Tuple[int, int]:
-    """The sizes ``refine`` may move between: the policy's candidates, else ``width`` +/- 2."""
-    if block_size == "auto":
-        return min(policy.config.block_sizes), max(policy.config.block_sizes)
-    return max(1, width - 2), width + 2
-
-
-def refine_width(width: int, accepted: int, drafted: int, lo: int, hi: int) -> int:
-    """Next round's block size: grow after a fully accepted block, shrink when at most half was used.
-
-    Any block size gives the same output (each round is verified on its own), so this
-    only changes speed.
-    """
-    if accepted >= drafted:
-        return min(width + 1, hi)
-    if 2 * accepted <= drafted:
-        return max(width - 1, lo)
-    return width
-
-
-def _draft_round(model, draft, cache: PromptCache, last: int, width: int, params: SamplingParams, key):
-    """Build one round's lazy graph; return (drafted, accepted, next_token, hidden)."""
-    cfg = draft.config
-    last_arr = mx.array([[last]])
-    if width > 1:
-        block = mx.array([[last] + [cfg.mask_token_id] * (width - 1)])
-        logits = draft.propose(model, block, cache.pending, cache.draft)
-        cache.pending = None
-        if params.greedy:
-            drafted = greedy_tokens(logits)
-        else:
-            draft_probs = probabilities(logits, params)
-            key, draft_key = mx.random.split(key)
-            drafted = sample(draft_probs, draft_key)
-        verify = mx.concatenate([last_arr, drafted[None].astype(last_arr.dtype)], axis=1)
-    else:
-        drafted = mx.zeros((0,), dtype=mx.int32)
-        draft_probs = mx.zeros((0, target.vocab_size(model)))
-        verify = last_arr
-    logits, hidden = target.forward(model, verify, cache.target, cfg.target_layer_ids)
-    if params.greedy:
-        accepted, nxt = accept_greedy(drafted, logits[0])
-    else:
-        accepted, nxt = accept_sampled(drafted, draft_probs, logits[0], params, key)
-    return drafted, accepted, nxt, hidden
 
 
 def stream_generate(
@@ -184,133 +243,59 @@ def stream_generate(
     tokenizer,
     prompt: Union[str, Sequence[int]],
     *,
-    block_size: BlockSize = 16,
     policy=None,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
-    prefill_step_size: int = 2048,
-    refine: bool = False,
+    **options,
 ) -> Generator[GenerationResponse, None, None]:
-    """Generate from ``prompt`` with DFlash speculative decoding, yielding per round.
+    """Generate from ``prompt`` (text or token ids), yielding a ``GenerationResponse`` per round.
 
-    Greedy output equals the target's own greedy decoding; with ``temperature > 0``
-    the output is distributed as the target's (speculative sampling).
-    ``refine`` moves the block size round by round within a window (see
-    ``refine_window``/``refine_width``); ``block_size`` in the responses stays the first pick.
+    ``options`` are ``GenerationOptions`` fields (``max_tokens``, ``temperature``,
+    ``top_p``, ``top_k``, ``seed``, ``block_size`` (an int or ``"auto"``; default: the
+    drafter's training size, or ``"auto"`` with a ``policy``), ``refine``,
+    ``prefill_step_size``). ``block_size`` in the responses is the generation's pick.
     """
-    params = SamplingParams(temperature, top_p, top_k, seed)
+    opts = GenerationOptions.from_kwargs(**options).resolve(draft.config.block_size, policy)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt) if prompt else []
     prompt = list(prompt)
-    if not prompt:
-        raise BlockPilotError("the prompt is empty; give at least one token of text")
-    if max_tokens < 1:
-        raise BlockPilotError(f"max_tokens must be >= 1, got {max_tokens}")
-    context = target.max_context(model)
-    if context is not None and len(prompt) >= context:
-        raise BlockPilotError(
-            f"the prompt has {len(prompt)} tokens but the target's context is {context}; shorten it"
-        )
-    cache = prompt_cache if prompt_cache is not None else make_cache(model, draft)
-    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
-    key = mx.random.key(seed)
+    check_prompt_length(len(prompt), target.max_context(model))
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
 
-    with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
-        tic = time.perf_counter()
-        reused = _reuse(cache, prompt)
-        logits = _prefill(model, prompt[reused:], cache, draft.config.target_layer_ids, prefill_step_size)
-        key, first_key = mx.random.split(key)
-        first = greedy_tokens(logits) if params.greedy else sample(probabilities(logits, params), first_key)
-        last = first.item()
-        prefill_s = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        prompt_hidden = cache.pending
-        width = choose_block_size(
-            block_size, policy, lambda kind: policy_features(model, draft, logits, prompt_hidden, kind)
+    lengths: List[int] = []
+    n = 0
+    tic = time.perf_counter()
+    first = None
+    for step in generate_step(model, draft, prompt, opts, eos=eos, policy=policy, prompt_cache=prompt_cache):
+        if step.prefill is not None:
+            first = step
+            tic = time.perf_counter()
+        elif step.tokens:
+            lengths.append(len(step.tokens))
+        n += len(step.tokens)
+        for t in step.tokens:
+            if t not in eos:
+                detokenizer.add_token(t)
+        if step.finish_reason:
+            detokenizer.finalize()
+        elapsed = time.perf_counter() - tic
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            tokens=list(step.tokens),
+            prompt_tokens=len(prompt),
+            generation_tokens=n,
+            block_size=first.block_size,
+            acceptance_lengths=list(lengths),
+            prefill_s=first.prefill.seconds,
+            decode_tokens_per_s=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            policy_s=first.policy_s,
+            finish_reason=step.finish_reason,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            reused_tokens=first.prefill.reused,
         )
-        policy_s = time.perf_counter() - tic
-        lo, hi = refine_window(width, block_size, policy) if refine else (width, width)
-        round_width = width
-
-        lengths: List[int] = []
-        n = 1
-        tic = time.perf_counter()
-
-        def response(new_tokens, finish=None):
-            for t in new_tokens:
-                if t not in eos:
-                    detokenizer.add_token(t)
-            if finish:
-                detokenizer.finalize()
-            elapsed = time.perf_counter() - tic
-            return GenerationResponse(
-                text=detokenizer.last_segment,
-                tokens=list(new_tokens),
-                prompt_tokens=len(prompt),
-                generation_tokens=n,
-                block_size=width,
-                acceptance_lengths=list(lengths),
-                prefill_s=prefill_s,
-                decode_tokens_per_s=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-                policy_s=policy_s,
-                finish_reason=finish,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-            )
-
-        if last in eos:
-            yield response([last], "stop")
-            return
-        if max_tokens == 1:
-            yield response([last], "length")
-            return
-        yield response([last])
-
-        while True:
-            room = max_tokens - n
-            if context is not None:
-                room = min(room, context - len(cache.tokens))
-            if room <= 0:
-                yield response([], "length")
-                return
-            w = min(round_width, room)
-            key, round_key = mx.random.split(key)
-            drafted, accepted, nxt, hidden = _draft_round(model, draft, cache, last, w, params, round_key)
-            out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
-            values = out.tolist()  # the round's one host sync
-            a = values[w - 1]
-            new = values[: a] + [values[w]]
-            new = new[: max_tokens - n]
-            stop_at = next((i for i, t in enumerate(new) if t in eos), None)
-            if stop_at is not None:
-                new = new[: stop_at + 1]
-            # Inputs of this verify that are now committed and stay in the cache: last + new[:-1].
-            keep = len(new)
-            for c in cache.target:
-                c.trim(w - keep)
-            cache.tokens.extend([last] + new[:-1])
-            kept = hidden[:, :keep]
-            cache.pending = kept if cache.pending is None else mx.concatenate([cache.pending, kept], axis=1)
-            lengths.append(keep)
-            round_width = refine_width(round_width, keep, w, lo, hi)
-            n += keep
-            last = new[-1]
-            if stop_at is not None:
-                yield response(new, "stop")
-                return
-            if n >= max_tokens:
-                yield response(new, "length")
-                return
-            yield response(new)
 
 
 def generate(model, draft, tokenizer, prompt, **kwargs) -> GenerationResponse:

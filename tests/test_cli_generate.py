@@ -10,7 +10,7 @@ import pytest
 from fixtures import write_draft
 from mlx_lm.generate import generate_step
 
-from mlx_blockpilot.generate import main
+from mlx_blockpilot.cli.generate import main
 
 
 def run_main(capsys, *argv):

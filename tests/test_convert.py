@@ -24,7 +24,8 @@ from torch_pt_writer import round_to_bf16, save_malicious, save_state_dict
 
 import mlx_blockpilot
 from mlx_blockpilot.bundle import MANIFEST, load
-from mlx_blockpilot.convert import convert, main
+from mlx_blockpilot.cli.convert import main
+from mlx_blockpilot.conversion import convert
 from mlx_blockpilot.errors import BlockPilotError
 
 PROMPT = "the quick brown fox"
@@ -310,6 +311,20 @@ def test_drafter_dtype_and_reconversion_refused(llama, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
+def test_weights_dtype_reads_headers_only(tmp_path):
+    from mlx_blockpilot.converters.hf import weights_dtype
+
+    assert weights_dtype(tmp_path) is None
+    mx.save_safetensors(str(tmp_path / "a.safetensors"),
+                        {"w": mx.zeros((2, 2), dtype=mx.bfloat16), "v": mx.zeros(2, dtype=mx.bfloat16),
+                         "n": mx.zeros(2), "q": mx.zeros(2, dtype=mx.uint32)})
+    save_file({"x": np.zeros(2, np.float16), "y": np.zeros(2, np.float64)}, str(tmp_path / "b.safetensors"))
+    assert weights_dtype(tmp_path) == "bfloat16"
+    (tmp_path / "c.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(BlockPilotError, match="cannot read"):
+        weights_dtype(tmp_path)
+
+
 # --- atomic writes --------------------------------------------------------------
 
 
@@ -490,7 +505,7 @@ def test_load_checks_a_swapped_drafter(hf_bundle, llama, tmp_path, capsys):
     write_draft(out / "draft", llama.cfg, mask_token_id=llama.mask_id, target_layer_ids=(1, 7))
     with pytest.raises(BlockPilotError, match=r"target_layer_ids \[7\]"):
         load(out)
-    from mlx_blockpilot.generate import main as generate_main
+    from mlx_blockpilot.cli.generate import main as generate_main
 
     code = generate_main(["--model", str(out), "--prompt", "hi"])
     assert code == 2 and capsys.readouterr().err.startswith("error: drafter target_layer_ids")

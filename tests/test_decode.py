@@ -3,10 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from doubles import ScriptedDraft
 from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_blockpilot.bench.drafters import ScriptedDraft
 from mlx_blockpilot.decode import generate, make_cache, stream_generate
 from mlx_blockpilot.errors import BlockPilotError
 

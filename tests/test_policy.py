@@ -228,6 +228,23 @@ def test_safetensors_input(tmp_path):
         assert choose_block_size(policy, x[0]) == [2, 4, 8, 16, 32][int(ref[0].argmax())]
 
 
+def test_safetensors_float_dtypes(tmp_path):
+    sd = random_state_dict()
+    for dtype in (np.float16, np.float64):
+        save_file({k: v.astype(dtype) for k, v in sd.items()}, str(tmp_path / "x.safetensors"))
+        got = read_state_dict(tmp_path / "x.safetensors")
+        for k, v in sd.items():
+            assert got[k].dtype == np.float32
+            np.testing.assert_array_equal(got[k], v.astype(dtype).astype(np.float32))
+    save_file({**sd, "steps": np.zeros(1, np.int64)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(BlockPilotError, match="tensor steps has dtype I64; only float tensors"):
+        read_state_dict(tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[: len(data) - 7])
+    with pytest.raises(BlockPilotError, match="truncated or corrupt"):
+        read_state_dict(tmp_path / "x.safetensors")
+
+
 def test_malicious_pickle_is_refused_and_nothing_written(tmp_path):
     marker = tmp_path / "pwned"
     src = tmp_path / "model.pt"

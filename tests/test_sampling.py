@@ -127,10 +127,11 @@ def test_seed_reproducible(small_vocab):
 
 
 def test_probabilities_match_numpy_reference():
-    from mlx_blockpilot.sampling import SamplingParams, probabilities
+    from mlx_blockpilot.options import GenerationOptions
+    from mlx_blockpilot.sampling import probabilities
 
     rng = np.random.default_rng(0)
     for temp, top_p, top_k in [(1.0, 1.0, 0), (0.5, 0.8, 0), (2.0, 1.0, 3), (1.0, 0.6, 5)]:
         logits = rng.standard_normal(50).astype(np.float32) * 3
-        ours = np.array(probabilities(mx.array(logits), SamplingParams(temp, top_p, top_k)))
+        ours = np.array(probabilities(mx.array(logits), GenerationOptions(temperature=temp, top_p=top_p, top_k=top_k)))
         np.testing.assert_allclose(ours, filtered_probs_numpy(logits.astype(np.float64), temp, top_p, top_k), atol=1e-5)

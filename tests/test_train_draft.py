@@ -12,13 +12,13 @@ from test_decode import make_prompt, no_eos, reference
 from mlx_blockpilot import target
 from mlx_blockpilot.decode import generate
 from mlx_blockpilot.draft import DraftConfig, load_draft
-from mlx_blockpilot.draft_data import Example, distill, greedy_batch, load_data
-from mlx_blockpilot.train_draft import (
+from mlx_blockpilot.cli.train_draft import main
+from mlx_blockpilot.training.distill import Example, distill, greedy_batch, load_data
+from mlx_blockpilot.training.draft_trainer import (
     block_hidden,
     block_loss,
     feature_scale,
     init_draft,
-    main,
     make_config,
     prepare_loss,
     read_log,
@@ -230,7 +230,7 @@ def test_cli_writes_a_loadable_lossless_drafter_and_resumes(llama, tmp_path, cap
 
 
 def test_default_mask_id_avoids_end_of_sequence_tokens(qwen3):
-    from mlx_blockpilot.train_draft import default_mask_id
+    from mlx_blockpilot.training.draft_trainer import default_mask_id
 
     assert default_mask_id(qwen3.tokenizer) == qwen3.mask_id
 

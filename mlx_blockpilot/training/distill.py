@@ -21,8 +21,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from . import target
-from .errors import BlockPilotError
+from .. import target
+from ..errors import BlockPilotError
 
 META = "data.json"
 

@@ -1,0 +1,7 @@
+"""``python -m mlx_blockpilot.bench``."""
+
+import sys
+
+from ..cli.bench import main
+
+sys.exit(main())

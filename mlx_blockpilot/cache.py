@@ -1,0 +1,95 @@
+"""The prompt cache: what a generation leaves behind for the next one, and its rules.
+
+The target's KV caches hold ``tokens``; the drafter has seen the first ``drafted`` of
+them (its own context K/V cache) and ``pending`` holds the target's tapped features
+of the rest, which the drafter reads on its next pass. Three operations keep the
+three in step, and nothing else edits them:
+
+- ``commit``: after a target pass, keep the first ``kept`` of the ``written`` inputs
+  (the rest, rejected draft tokens, leave the target cache) and queue their features;
+- ``trim_to``: rewind everything to the first ``length`` tokens (the one rewind helper);
+- ``reuse``: rewind to the longest prefix shared with a new prompt.
+
+Caches that cannot be trimmed (mlx-lm's ``can_trim_prompt_cache`` says which) are
+rebuilt empty instead, so a later prompt is prefilled in full.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import common_prefix_len
+
+
+@dataclass
+class PromptCache:
+    """Target and drafter caches of one conversation (pass it across calls to reuse it)."""
+
+    model: Any = field(repr=False)
+    drafter: Any = field(repr=False)
+    target: List[Any] = field(default=None, repr=False)
+    draft: List[Any] = field(default=None, repr=False)
+    tokens: List[int] = field(default_factory=list)
+    pending: Optional[mx.array] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.target is None:
+            self.target = make_prompt_cache(self.model)
+        if self.draft is None:
+            self.draft = self.drafter.make_cache()
+
+    @property
+    def drafted(self) -> int:
+        """How many of ``tokens`` the drafter has seen."""
+        return self.draft[0].offset if self.draft else 0
+
+    def take_pending(self) -> Optional[mx.array]:
+        """The features the drafter has not read yet (it reads them now)."""
+        pending, self.pending = self.pending, None
+        return pending
+
+    def commit(self, inputs: List[int], hidden: Optional[mx.array], written: int) -> None:
+        """A target pass wrote ``written`` positions; keep the first ``len(inputs)`` of them.
+
+        ``inputs`` are the token ids of the kept positions and ``hidden`` the pass's tapped
+        features ``(1, >= len(inputs), F)``.
+        """
+        kept = len(inputs)
+        if written > kept:
+            trim_prompt_cache(self.target, written - kept)
+        self.tokens.extend(inputs)
+        if hidden is not None:
+            hidden = hidden[:, :kept] if hidden.shape[1] != kept else hidden
+            self.pending = hidden if self.pending is None else mx.concatenate([self.pending, hidden], axis=1)
+
+    def trim_to(self, length: int) -> int:
+        """Rewind to the first ``length`` tokens (fewer if the caches cannot be trimmed); returns the length kept."""
+        length = max(0, min(length, len(self.tokens)))
+        pending = 0 if self.pending is None else self.pending.shape[1]
+        if self.drafted + pending != len(self.tokens) or not can_trim_prompt_cache(self.target):
+            length = 0
+        if length == 0:
+            self.target = make_prompt_cache(self.model)
+            self.draft = self.drafter.make_cache()
+            self.tokens, self.pending = [], None
+            return 0
+        trim_prompt_cache(self.target, self.target[0].offset - length)
+        drafted = self.drafted
+        if drafted > length:
+            trim_prompt_cache(self.draft, drafted - length)
+            self.pending = None
+        elif self.pending is not None:
+            self.pending = self.pending[:, : length - drafted] if length > drafted else None
+        del self.tokens[length:]
+        return length
+
+    def reuse(self, prompt: List[int]) -> int:
+        """Rewind to the longest prefix shared with ``prompt``, leaving at least its last
+        token to prefill; returns how many prompt tokens are already cached."""
+        return self.trim_to(min(common_prefix_len(self.tokens, prompt), len(prompt) - 1))
+
+
+def make_cache(model, draft) -> PromptCache:
+    """An empty prompt cache for ``model`` with ``draft`` (pass it to every call of one conversation)."""
+    return PromptCache(model, draft)

@@ -1,0 +1,82 @@
+"""``python -m mlx_blockpilot.bench``: ours side by side with mlx-lm and the official DFlash MLX backend."""
+
+import sys
+from pathlib import Path
+
+from ..bench.official import load_official
+from ..bench.report import machine, markdown, write_outputs
+from ..bench.runner import run_benchmark
+from ..errors import BlockPilotError
+from ..prompts import encode_prompt, load_prompts
+from .common import (
+    add_limit_arg,
+    add_model_args,
+    add_sampling_args,
+    block_size_arg,
+    block_sizes_arg,
+    load_from_args,
+    options_from_args,
+    parser,
+    run,
+)
+
+
+def build_parser():
+    p = parser("bench", __doc__.split(": ", 1)[1])
+    add_model_args(p)
+    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl (prompt) or ShareGPT .json")
+    add_limit_arg(p)
+    add_sampling_args(p, max_tokens=64, block_size=False)
+    p.add_argument("--block-sizes", type=block_sizes_arg, default=[1, 4, 8, 16], help="fixed sizes, e.g. 1,4,8,16 or 2-8")
+    p.add_argument("--dflash-block-sizes", type=lambda v: [] if v in ("", "none") else block_sizes_arg(v), default=None,
+                   help="block sizes for dflash.model_mlx (default: the fixed sizes >= 2; none to skip)")
+    p.add_argument("--no-engine", action="store_true", help="skip the true-continuation engine rows")
+    p.add_argument("--profile", type=block_size_arg, default=None, metavar="B",
+                   help="also time draft / verify / host per round at block size B (adds syncs)")
+    p.add_argument("--profile-prompts", type=int, default=2, help="profile on the first N prompts")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--out", required=True, help="output directory")
+    return p
+
+
+def model_dirs(args):
+    """The target and drafter directories being benchmarked (the official backend loads them itself)."""
+    if args.model:
+        return Path(args.target or Path(args.model) / "target"), Path(args.draft or Path(args.model) / "draft")
+    return Path(args.target), Path(args.draft)
+
+
+def _bench(args, argv) -> int:
+    if args.repeats < 1 or args.max_tokens < 2:
+        raise BlockPilotError("--repeats must be >= 1 and --max-tokens >= 2")
+    if any(b < 2 for b in args.dflash_block_sizes or []):
+        raise BlockPilotError("block sizes for dflash must be >= 2")
+    if args.profile is not None and (not isinstance(args.profile, int) or args.profile < 1):
+        raise BlockPilotError("--profile takes a fixed block size >= 1")
+    options_from_args(args)  # sampling values checked before anything loads
+    texts = load_prompts(args.prompts, limit=args.limit)
+    bundle = load_from_args(args)
+    target_dir, draft_dir = model_dirs(args)
+    prompts = [encode_prompt(bundle.tokenizer, t, chat=not args.no_chat_template) for t in texts]
+    dsizes = [b for b in args.block_sizes if b >= 2] if args.dflash_block_sizes is None else args.dflash_block_sizes
+    official = load_official(target_dir, draft_dir) if dsizes else None
+    if dsizes and official is None:
+        print("note: dflash is not installed (pip install --no-deps dflash==0.1.0); skipping its rows", file=sys.stderr)
+    results = run_benchmark(
+        bundle, prompts, block_sizes=args.block_sizes, dflash_block_sizes=dsizes, official=official,
+        max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        repeats=args.repeats, engine=not args.no_engine, profile=args.profile, profile_prompts=args.profile_prompts,
+    )
+    results["command"] = "python -m mlx_blockpilot.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["machine"] = machine()
+    results["prompts"] = texts
+    results["model"] = {"target": str(target_dir), "draft": str(draft_dir)}
+    files = write_outputs(results, Path(args.out))
+    print(markdown(results))
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser, lambda args: _bench(args, argv), argv)

@@ -1,0 +1,125 @@
+"""``python -m mlx_blockpilot.train_draft``: train a DFlash drafter for a target by self-distillation."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BlockPilotError
+from ..prompts import encode_prompt, load_prompts
+from ..training import distill
+from ..training.draft_trainer import acceptance, default_layer_ids, default_mask_id, init_draft, make_config, resolve_target, train
+from .. import target
+from .common import add_limit_arg, block_sizes_arg, parser, run
+
+
+def build_parser():
+    p = parser("train_draft", __doc__.split(": ", 1)[1])
+    p.add_argument("--target", required=True, help="a bundle, an mlx-lm directory or a .gguf file")
+    p.add_argument("--prompts", required=True, help="prompts file (.txt/.jsonl/ShareGPT .json) or 'sharegpt'")
+    p.add_argument("--out", required=True, help="output directory (drafter, data/, checkpoint/, log)")
+    add_limit_arg(p)
+    p.add_argument("--holdout", type=int, default=4, help="last N prompts: never trained on, for acceptance")
+    p.add_argument("--min-chars", type=int, default=20)
+    p.add_argument("--max-chars", type=int, default=600)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--layers", type=int, default=1, help="drafter layers")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gen-batch", type=int, default=16, help="prompts answered per batch")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None, help="passes over the sequences (batch rows)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--blocks-per-seq", type=int, default=8)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--gamma", type=float, default=None, help="loss weight decay (default B/2 - 1)")
+    p.add_argument("--vocab-sample", type=int, default=8192, help="softmax candidates per step (0 = full vocab)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from out/checkpoint (same --steps)")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run at that step (resume later)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-tokens", type=int, default=64)
+    p.add_argument("--eval-block-sizes", type=lambda v: [] if v in ("", "none") else block_sizes_arg(v), default=[4, 8, 16],
+                   help="final held-out report, e.g. 4,8 (none to skip)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _train_draft(args) -> int:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    for name, v in (("--holdout", args.holdout), ("--batch", args.batch), ("--blocks-per-seq", args.blocks_per_seq), ("--gen-batch", args.gen_batch), ("--max-new-tokens", args.max_new_tokens)):
+        if v < (0 if name == "--holdout" else 1):
+            raise BlockPilotError(f"{name} must be >= {0 if name == '--holdout' else 1}, got {v}")
+    if out.exists() and not out.is_dir():
+        raise BlockPilotError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_prompts(args.prompts, limit=args.limit, min_chars=args.min_chars, max_chars=args.max_chars)
+    model, tokenizer, target_dir = resolve_target(args.target, out)
+    ids = [i for i in (encode_prompt(tokenizer, t) for t in texts) if 0 < len(i) <= args.max_prompt_tokens]
+    if len(ids) <= args.holdout:
+        raise BlockPilotError(f"{len(ids)} usable prompts leave none for training after --holdout {args.holdout}")
+    train_ids, held = ids[: len(ids) - args.holdout], ids[len(ids) - args.holdout :]
+
+    layer_ids = args.target_layer_ids or default_layer_ids(target.num_layers(model))
+    mask_id = args.mask_token_id if args.mask_token_id is not None else default_mask_id(tokenizer)
+    cfg = make_config(model, args.layers, layer_ids, args.block_size, mask_id)
+
+    data_dir = out / "data"
+    tic = time.perf_counter()
+    gen = {"prompts": 0, "tokens": 0, "answer_tokens": 0}
+    bar = tqdm(total=len(train_ids), desc="distill", disable=args.no_progress, unit="prompt")
+    done = len((distill.read_meta(data_dir) or {}).get("done", []))
+    bar.update(done)
+    for s in distill.distill(model, train_ids, data_dir, layer_ids, args.max_new_tokens, args.gen_batch, tokenizer.eos_token_ids):
+        for k in gen:
+            gen[k] += s[k]
+        bar.update(s["prompts"])
+        bar.set_postfix(tok_s=f"{gen['answer_tokens'] / (time.perf_counter() - tic):.1f}")
+    bar.close()
+    gen_s = time.perf_counter() - tic
+    examples = distill.load_data(data_dir)
+    answer_tokens = sum(e.answer_len for e in examples)
+    steps = args.steps
+    if steps is None:
+        epochs = args.epochs if args.epochs is not None else 1.0
+        steps = max(1, math.ceil(epochs * len(examples) / args.batch))
+
+    draft = init_draft(model, cfg, args.seed)
+    records = train(
+        model, tokenizer, draft, examples, out, steps,
+        batch_size=args.batch, blocks_per_seq=args.blocks_per_seq, lr=args.lr, warmup=args.warmup,
+        gamma=args.gamma, vocab_sample=args.vocab_sample, seed=args.seed, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, eval_prompts=held, eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens, progress=not args.no_progress, stop_after=args.stop_after,
+    )
+    final = {b: acceptance(model, draft, tokenizer, held, b, args.eval_tokens) for b in args.eval_block_sizes}
+    step_s = [r["s"] for r in records if "s" in r]
+    summary = {
+        "target": str(target_dir),
+        "sequences": len(examples),
+        "answer_tokens": answer_tokens,
+        "tokens": int(sum(len(e.tokens) for e in examples)),
+        "distill_s": gen_s if gen["answer_tokens"] else None,
+        "distill_answer_tok_s": gen["answer_tokens"] / gen_s if gen["answer_tokens"] else None,
+        "steps": steps,
+        "s_per_step": float(np.median(step_s)) if step_s else None,
+        "held_out_prompts": len(held),
+        "held_out_acceptance": {str(b): a for b, a in final.items()},
+        "config": {k: v for k, v in vars(args).items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("sequences", "answer_tokens", "distill_answer_tok_s", "steps", "s_per_step", "held_out_acceptance")}))
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser, _train_draft, argv)

@@ -1,0 +1,440 @@
+"""Train a DFlash drafter for a target, in MLX (``python -m mlx_blockpilot.train_draft``).
+
+1. Self-distillation (``distill``): the target answers the prompts greedily under
+   its chat template; the tapped layer outputs are captured in the same passes.
+2. Training, the DFlash recipe: anchors are sampled in the answers; each block is
+   ``[anchor token, MASK x (B-1)]`` at the anchor's positions, non-causal inside the
+   block (unless the drafter's layer says causal), and sees the context features of
+   the positions strictly before the anchor only. Cross-entropy against the target's
+   tokens at block positions 1..B-1, weighted ``exp(-(k-1)/gamma)``. The target's
+   embedding and head are frozen and shared. Many blocks of many sequences go
+   through one pass of the drafter's own layers (``DFlashDraft`` with ``anchors``). The head is the costly part, so the
+   softmax runs over the batch's label tokens plus a uniform sample of the rest of
+   the vocabulary (``--vocab-sample``; log-correction for the sampled share).
+   ``fc`` trains on features divided by their per-column RMS (``feature_scale``),
+   folded back into the saved weights.
+3. Checkpoints (``--resume``), a JSONL log, a loss plot and held-out acceptance
+   measured with ``decode.generate``; the output directory is a z-lab drafter.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .. import decode, target
+from ..draft import DFlashDraft, DraftConfig, save_draft
+from ..errors import BlockPilotError
+from . import distill
+
+CHECKPOINT = "checkpoint"
+LOG = "train_log.jsonl"
+
+
+# ---------------------------------------------------------------------------
+# The drafter to train
+
+
+def default_layer_ids(num_target_layers: int, count: int = 5) -> List[int]:
+    """``count`` target layers spread evenly from layer 1 to the fourth-last."""
+    hi = max(1, num_target_layers - 3)
+    return sorted({int(round(x)) for x in np.linspace(1, hi, min(count, num_target_layers))})
+
+
+def default_mask_id(tokenizer) -> int:
+    """``<|mask|>`` when the vocabulary has one, else the pad token unless it is an
+    end-of-sequence token, else the lowest id that is not one."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if "<|mask|>" in vocab:
+        return vocab["<|mask|>"]
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None and pad not in eos:
+        return int(pad)
+    return next(i for i in range(len(eos) + 1) if i not in eos)
+
+
+def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: int, mask_id: int) -> DraftConfig:
+    """A drafter shaped like the target's layers (so they can initialise it)."""
+    a = model.args
+    heads = a.num_attention_heads
+    n_target = target.num_layers(model)
+    bad = [i for i in layer_ids if not 0 <= i < n_target]
+    if bad:
+        raise BlockPilotError(f"--target-layer-ids {bad} are outside the target's layers 0..{n_target - 1}")
+    if num_layers < 1 or block_size < 2:
+        raise BlockPilotError("--layers must be >= 1 and --block-size >= 2")
+    return DraftConfig(
+        hidden_size=a.hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(a, "num_key_value_heads", None) or heads,
+        head_dim=getattr(a, "head_dim", None) or a.hidden_size // heads,
+        intermediate_size=a.intermediate_size,
+        vocab_size=a.vocab_size,
+        target_layer_ids=tuple(layer_ids),
+        mask_token_id=int(mask_id),
+        num_target_layers=n_target,
+        rms_norm_eps=a.rms_norm_eps,
+        rope_theta=getattr(a, "rope_theta", 10000.0),
+        rope_scaling=getattr(a, "rope_scaling", None),
+        max_position_embeddings=getattr(a, "max_position_embeddings", None) or 40960,
+        block_size=block_size,
+    )
+
+
+def _half_split(w: mx.array, head_dim: int) -> mx.array:
+    """Reorder Q/K rows from interleaved-pair RoPE to the drafter's half-split RoPE."""
+    out, d = w.shape
+    w = w.reshape(out // head_dim, head_dim // 2, 2, d)
+    return mx.concatenate([w[:, :, 0], w[:, :, 1]], axis=1).reshape(out, d)
+
+
+def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
+    """A drafter whose layers start as copies of the target's last layers and whose
+    final norm is the target's (the shared head expects its scale and signs).
+
+    ``fc`` starts by passing the last tapped layer through (plus small noise).
+    """
+    mx.random.seed(seed)
+    draft = DFlashDraft(cfg)
+    layers = target.layers(model)
+    n = len(layers)
+    traditional = getattr(getattr(layers[0].self_attn, "rope", None), "traditional", False)
+    weights = []
+    for i in range(cfg.num_hidden_layers):
+        src = dict(tree_flatten(layers[n - cfg.num_hidden_layers + i].parameters()))
+        if any(k.endswith(".scales") for k in src):
+            raise BlockPilotError("cannot initialise the drafter from a quantized target; convert it to float")
+        for name, value in src.items():
+            if name.startswith("self_attn.") and name.split(".")[1] in ("q_proj", "k_proj") and traditional:
+                value = _half_split(value, cfg.head_dim)
+            if name.startswith("self_attn.rope"):
+                continue
+            weights.append((f"layers.{i}.{name}", value.astype(mx.float32)))
+    weights.append(("norm.weight", target.final_norm(model).weight.astype(mx.float32)))
+    H, k = cfg.hidden_size, len(cfg.target_layer_ids)
+    fc = 0.02 * mx.random.normal((H, k * H))
+    fc = mx.concatenate([fc[:, : (k - 1) * H], fc[:, (k - 1) * H :] + mx.eye(H)], axis=1)
+    weights.append(("fc.weight", fc))
+    draft.load_weights(weights, strict=False)
+    mx.eval(draft.parameters())
+    return draft
+
+
+# ---------------------------------------------------------------------------
+# Batches of blocks
+
+
+def sample_batch(
+    examples: Sequence[distill.Example],
+    rows: Sequence[int],
+    blocks_per_seq: int,
+    block_size: int,
+    mask_id: int,
+    rng: np.random.Generator,
+    anchors: Optional[np.ndarray] = None,
+) -> Dict[str, np.ndarray]:
+    """Blocks for the sequences ``rows``: features, block tokens, anchors, labels, valid.
+
+    Anchors are answer positions ``p`` (prompt_len <= p <= len - 2), sampled
+    without replacement when the answer is long enough. Only the features of
+    positions before the last anchor are kept (nothing after it is visible).
+    """
+    S, nb, B = len(rows), blocks_per_seq, block_size
+    if anchors is None:
+        anchors = np.zeros((S, nb), dtype=np.int64)
+        for r, i in enumerate(rows):
+            e = examples[i]
+            cand = np.arange(e.prompt_len, len(e.tokens) - 1)
+            anchors[r] = rng.choice(cand, size=nb, replace=len(cand) < nb)
+    ctx_len = int(anchors.max())
+    F = examples[rows[0]].features.shape[1]
+    feats = np.zeros((S, ctx_len, F), dtype=np.float32)
+    blocks = np.full((S, nb, B), mask_id, dtype=np.int32)
+    labels = np.zeros((S, nb, B - 1), dtype=np.int32)
+    valid = np.zeros((S, nb, B - 1), dtype=bool)
+    k = np.arange(1, B)
+    for r, i in enumerate(rows):
+        e = examples[i]
+        n = min(ctx_len, e.features.shape[0])
+        feats[r, :n] = e.features[:n]
+        blocks[r, :, 0] = e.tokens[anchors[r]]
+        pos = anchors[r][:, None] + k[None]
+        ok = pos < len(e.tokens)
+        valid[r] = ok
+        labels[r] = np.where(ok, e.tokens[np.minimum(pos, len(e.tokens) - 1)], 0)
+    return {"features": feats, "blocks": blocks, "anchors": anchors, "labels": labels, "valid": valid}
+
+
+def block_hidden(draft: DFlashDraft, model, batch: Dict[str, np.ndarray]) -> mx.array:
+    """Normalised drafter hidden states of every block position ``(S, nb*B, H)``."""
+    S, nb, B = batch["blocks"].shape
+    blocks = target.embed(model, mx.array(batch["blocks"].reshape(S, nb * B)))
+    return draft(blocks, mx.array(batch["features"]), anchors=batch["anchors"])
+
+
+def loss_weights(block_size: int, gamma: float) -> np.ndarray:
+    return np.exp(-(np.arange(1, block_size) - 1) / gamma).astype(np.float32)
+
+
+def prepare_loss(batch, gamma: float, vocab_size: int, vocab_sample: int, rng: np.random.Generator) -> Dict[str, Any]:
+    """Flat loss targets of the valid block positions and the softmax's vocabulary.
+
+    With ``vocab_sample`` > 0 the candidates are the batch's label tokens plus
+    uniformly sampled others (their logits get ``log(rest / sampled)``).
+    """
+    S, nb, B = batch["blocks"].shape
+    valid = batch["valid"]
+    flat = np.flatnonzero(np.concatenate([np.zeros((S, nb, 1), bool), valid], axis=-1).reshape(-1))
+    labels = batch["labels"][valid]
+    w = np.broadcast_to(loss_weights(B, gamma), valid.shape)[valid]
+    out = {"positions": mx.array(flat.astype(np.int32)), "weights": mx.array(w)}
+    if vocab_sample <= 0 or vocab_sample >= vocab_size:
+        out["labels"] = mx.array(labels)
+        return out
+    pos = np.unique(labels)
+    k = max(vocab_sample - len(pos), 1)
+    rest = vocab_size - len(pos)
+    neg = rng.choice(rest, size=min(k, rest), replace=False)
+    neg = np.setdiff1d(np.arange(vocab_size), pos, assume_unique=True)[neg] if rest > 0 else neg[:0]
+    cand = np.concatenate([pos, np.sort(neg)])
+    corr = np.concatenate([np.zeros(len(pos), np.float32), np.full(len(neg), math.log(rest / max(len(neg), 1)), np.float32)])
+    out["labels"] = mx.array(np.searchsorted(pos, labels).astype(np.int32))
+    out["candidates"] = mx.array(cand.astype(np.int32))
+    out["correction"] = mx.array(corr)
+    return out
+
+
+def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.array]) -> mx.array:
+    """Weighted cross-entropy over the valid block positions 1..B-1."""
+    h = block_hidden(draft, model, batch)
+    h = h.reshape(-1, h.shape[-1])[targets["positions"]]
+    if "candidates" in targets and head is not None:
+        logits = h @ head[targets["candidates"]].T + targets["correction"]
+    else:
+        logits = target.lm_head(model, h)
+    logits = logits.astype(mx.float32)
+    ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets["labels"][:, None], axis=-1)[:, 0]
+    w = targets["weights"]
+    return (ce * w).sum() / w.sum()
+
+
+# ---------------------------------------------------------------------------
+# Held-out acceptance, checkpoints, log
+
+
+def acceptance(model, draft, tokenizer, prompts: Sequence[List[int]], block_size: int, max_tokens: int) -> float:
+    """Pooled mean acceptance length (tokens per target forward) of greedy decoding."""
+    lengths: List[int] = []
+    for p in prompts:
+        r = decode.generate(model, draft, tokenizer, p, block_size=block_size, max_tokens=max_tokens)
+        lengths += r.acceptance_lengths
+    return sum(lengths) / len(lengths) if lengths else 0.0
+
+
+def feature_scale(examples: Sequence[distill.Example], limit: int = 256) -> mx.array:
+    """RMS of every context-feature column over the first ``limit`` sequences.
+
+    The tapped layers carry a few massive activations (SmolLM2: one dimension near
+    2,000 where the median is ~10). Training ``fc`` on features divided by this scale
+    (and saving ``fc.weight / scale``) gives every column the same footing under Adam;
+    the saved drafter computes exactly the same function.
+    """
+    sq = np.zeros(examples[0].features.shape[1], np.float64)
+    n = 0
+    for e in examples[:limit]:
+        sq += (e.features.astype(np.float64) ** 2).sum(0)
+        n += len(e.features)
+    return mx.array(np.maximum(np.sqrt(sq / max(n, 1)), 1e-3).astype(np.float32))
+
+
+def unscaled(draft: DFlashDraft, scale: mx.array) -> DFlashDraft:
+    """The drafter trained on features / ``scale``, as one that reads raw features."""
+    plain = DFlashDraft(draft.config)
+    weights = dict(tree_flatten(draft.parameters()))
+    weights["fc.weight"] = weights["fc.weight"] / scale
+    plain.load_weights(list(weights.items()), strict=True)
+    mx.eval(plain.parameters())
+    return plain
+
+
+def save_checkpoint(out: Path, draft, opt, step: int, scale: mx.array) -> None:
+    ck = out / CHECKPOINT
+    ck.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(ck / "draft.safetensors"), dict(tree_flatten(draft.parameters())))
+    mx.save_safetensors(str(ck / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    mx.save_safetensors(str(ck / "feature_scale.safetensors"), {"scale": scale})
+    (ck / "state.json").write_text(json.dumps({"step": step}))
+    save_draft(unscaled(draft, scale), out)
+
+
+def load_checkpoint(out: Path, draft, opt):
+    """Restore ``draft`` and ``opt``; returns (step, feature scale)."""
+    ck = out / CHECKPOINT
+    if not (ck / "state.json").is_file():
+        raise BlockPilotError(f"no checkpoint in {ck} to resume from; drop --resume")
+    if not (ck / "feature_scale.safetensors").is_file():
+        raise BlockPilotError(f"checkpoint {ck} was written by an older mlx_blockpilot; start again without --resume")
+    draft.load_weights(list(mx.load(str(ck / "draft.safetensors")).items()), strict=True)
+    opt.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
+    scale = mx.load(str(ck / "feature_scale.safetensors"))["scale"]
+    mx.eval(draft.parameters(), opt.state)
+    return json.loads((ck / "state.json").read_text())["step"], scale
+
+
+def read_log(path) -> List[Dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_log(records: Sequence[Dict[str, Any]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "acceptance" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="weighted CE (train)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["acceptance"] for r in evals], "o-", color="C1", label="held-out acceptance")
+        ax2.set_ylabel("mean acceptance length")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title("DFlash drafter training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    model,
+    tokenizer,
+    draft: DFlashDraft,
+    examples: Sequence[distill.Example],
+    out,
+    steps: int,
+    batch_size: int = 4,
+    blocks_per_seq: int = 8,
+    lr: float = 6e-4,
+    warmup: int = 20,
+    gamma: Optional[float] = None,
+    vocab_sample: int = 8192,
+    seed: int = 0,
+    resume: bool = False,
+    checkpoint_every: int = 100,
+    eval_prompts: Sequence[List[int]] = (),
+    eval_every: int = 100,
+    eval_tokens: int = 64,
+    progress: bool = True,
+    stop_after: Optional[int] = None,
+) -> List[Dict[str, Any]]:
+    """Train ``draft`` in place (``fc`` preconditioned by ``feature_scale`` while
+    training, plain again at the end); returns the log records. Step ``s`` draws its batch
+    from a generator seeded with ``(seed, s)``, so a resumed run repeats the same batches.
+    ``stop_after`` ends this run early at that step (checkpointed; the schedule stays
+    the one for ``steps``), for splitting a run across sessions with ``resume``."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = draft.config
+    B = cfg.block_size
+    gamma = gamma if gamma is not None else max(1.0, B / 2 - 1)
+    usable = [i for i, e in enumerate(examples) if e.answer_len >= 2]
+    if not usable:
+        raise BlockPilotError("no training sequence has an answer of 2 or more tokens")
+    warm = min(warmup, max(steps - 1, 0))
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(lr * 0.01, lr, max(warm, 1)), optim.cosine_decay(lr, max(steps - warm, 1), lr * 0.1)],
+        [max(warm, 1)],
+    )
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    opt.init(draft.trainable_parameters())
+    head = target.head_weight(model)
+    if resume:
+        start, scale = load_checkpoint(out, draft, opt)
+    else:
+        start, scale = 0, feature_scale(examples)
+        draft.fc.weight = draft.fc.weight * scale
+    inv_scale = np.array(1.0 / scale)
+    log_path = out / LOG
+    records = [r for r in read_log(log_path) if r["step"] <= start] if resume else []
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    loss_and_grad = nn.value_and_grad(draft, lambda d, b, t: block_loss(d, model, b, t, head))
+    last = min(steps, stop_after) if stop_after else steps
+    bar = tqdm(range(start + 1, last + 1), initial=start, total=steps, disable=not progress, desc="train")
+    acc = next((r["acceptance"] for r in reversed(records) if "acceptance" in r), None)
+    with log_path.open("a") as log:
+        for step in bar:
+            rng = np.random.default_rng([seed, step])
+            rows = rng.choice(usable, size=batch_size, replace=len(usable) < batch_size)
+            batch = sample_batch(examples, rows, blocks_per_seq, B, cfg.mask_token_id, rng)
+            batch["features"] *= inv_scale
+            targets = prepare_loss(batch, gamma, cfg.vocab_size, vocab_sample if head is not None else 0, rng)
+            tic = time.perf_counter()
+            loss, grads = loss_and_grad(draft, batch, targets)
+            opt.update(draft, grads)
+            mx.eval(loss, draft.parameters(), opt.state)
+            rec = {"step": step, "loss": loss.item(), "lr": float(schedule(mx.array(step - 1))), "s": time.perf_counter() - tic}
+            records.append(rec)
+            log.write(json.dumps(rec) + "\n")
+            loss_value = rec["loss"]
+            if eval_prompts and (step % eval_every == 0 or step == last):
+                acc = acceptance(model, unscaled(draft, scale), tokenizer, eval_prompts, B, eval_tokens)
+                rec = {"step": step, "acceptance": acc, "block_size": B}
+                records.append(rec)
+                log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.2f}" if acc is not None else "-")
+            if step % checkpoint_every == 0 or step == last:
+                save_checkpoint(out, draft, opt, step, scale)
+    draft.fc.weight = draft.fc.weight / scale
+    mx.eval(draft.parameters())
+    save_draft(draft, out)
+    plot_log(records, out / "loss.png")
+    return records
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def resolve_target(src, out: Path):
+    """(model, tokenizer, target dir) for a bundle, an mlx-lm directory or a GGUF file
+    (converted once to float32 into ``out/target``)."""
+    from ..bundle import MANIFEST, load_target
+
+    src = Path(src)
+    if src.is_file() and src.suffix == ".gguf":
+        dest = out / "target"
+        if not (dest / "config.json").is_file():
+            from ..converters.gguf import convert_gguf
+
+            dest.mkdir(parents=True, exist_ok=True)
+            convert_gguf(src, dest, dtype="float32", dequantize=True)
+        src = dest
+    elif (src / MANIFEST).is_file():
+        src = src / "target"
+    model, tokenizer = load_target(src)
+    return model, tokenizer, src
