@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from .errors import BlockPilotError
 
@@ -221,19 +221,50 @@ def check_out_dir(out, force: bool = False) -> Path:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out) -> List[Path]:
+    """Remove temporary directories of ``out`` left by conversions that were killed (their
+    process is gone: SIGKILL runs no clean-up); returns what was removed."""
+    out = Path(out)
+    parent = out.absolute().parent
+    removed = []
+    prefix = f".{out.name}."
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        if not (p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_dir()):
+            continue
+        owner = p.name[len(prefix) : -len(".tmp")].split(".")[0]
+        if not owner.isdigit() or not _alive(int(owner)):  # no owner recorded: an older version's
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def write_bundle(out, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; rename it to ``out`` if the block succeeds.
 
     On any error or interrupt the temporary directory is removed and ``out`` is
     left as it was. An existing ``out`` is refused unless ``force``; then it is
-    replaced only after success.
+    replaced only after success. The temporary's name carries this process's id, so
+    the next conversion of ``out`` removes it if this process was killed outright.
     """
     out = check_out_dir(out, force)
     parent = out.absolute().parent
     created = [p for p in [parent, *parent.parents] if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
         umask = os.umask(0)

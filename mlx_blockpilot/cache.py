@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
+
+from . import target as target_model
 
 
 @dataclass
@@ -35,7 +37,7 @@ class PromptCache:
 
     def __post_init__(self):
         if self.target is None:
-            self.target = make_prompt_cache(self.model)
+            self.target = target_model.make_cache(self.model)
         if self.draft is None:
             self.draft = self.drafter.make_cache()
 
@@ -70,7 +72,7 @@ class PromptCache:
         if self.drafted + pending != len(self.tokens) or not can_trim_prompt_cache(self.target):
             length = 0
         if length == 0:
-            self.target = make_prompt_cache(self.model)
+            self.target = target_model.make_cache(self.model)
             self.draft = self.drafter.make_cache()
             self.tokens, self.pending = [], None
             return 0

@@ -24,6 +24,10 @@ from . import target
 from .errors import BlockPilotError
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class DraftConfig:
     hidden_size: int
@@ -44,8 +48,33 @@ class DraftConfig:
     layer_types: Tuple[str, ...] = ()
     sliding_window: Optional[int] = None
     is_causal: Optional[bool] = None
+    # A reduced draft vocabulary: the head covers draft_vocab_size target tokens, those of
+    # the weight ``d2t`` (draft id i is target id i + d2t[i]), as EAGLE-3 checkpoints store it.
+    draft_vocab_size: Optional[int] = None
 
     def __post_init__(self):
+        def fail(name, want):
+            raise BlockPilotError(f"draft config {name} must be {want}, got {getattr(self, name)!r}")
+
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "vocab_size", "num_target_layers", "block_size", "max_position_embeddings"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "a positive integer")
+        if not _is_int(self.mask_token_id):
+            fail("mask_token_id", "an integer")
+        if not isinstance(self.target_layer_ids, (list, tuple)) or not all(_is_int(i) for i in self.target_layer_ids):
+            fail("target_layer_ids", "a list of integers")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                fail(name, "a number")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            fail("sliding_window", "a positive integer or null")
+        if self.is_causal is not None and not isinstance(self.is_causal, bool):
+            fail("is_causal", "true, false or null")
+        if not isinstance(self.layer_types, (list, tuple)) or not all(isinstance(t, str) for t in self.layer_types):
+            fail("layer_types", "a list of strings")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            fail("rope_scaling", "an object or null")
         self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
         if not self.layer_types:
             self.layer_types = ("full_attention",) * self.num_hidden_layers
@@ -62,12 +91,26 @@ class DraftConfig:
             raise BlockPilotError("draft config has sliding_attention layers but no sliding_window")
         if not self.target_layer_ids:
             raise BlockPilotError("draft config has an empty target_layer_ids list")
+        if self.draft_vocab_size is not None and not (
+            isinstance(self.draft_vocab_size, int) and 1 <= self.draft_vocab_size <= self.vocab_size
+        ):
+            raise BlockPilotError(
+                f"draft config draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}], "
+                f"got {self.draft_vocab_size!r}"
+            )
 
     @classmethod
     def from_dict(cls, cfg: Dict[str, Any]) -> "DraftConfig":
         """Read a z-lab ``config.json`` (``dflash_config`` keys win over top-level ones)."""
-        dflash = cfg.get("dflash_config") or {}
+        if not isinstance(cfg, dict):
+            raise BlockPilotError(f"draft config.json must be a JSON object, got {type(cfg).__name__}")
+        dflash = cfg.get("dflash_config")
+        dflash = {} if dflash is None else dflash
+        if not isinstance(dflash, dict):
+            raise BlockPilotError(f"draft config dflash_config must be an object, got {type(dflash).__name__}")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        if rope is not None and not isinstance(rope, dict):
+            raise BlockPilotError(f"draft config rope_parameters/rope_scaling must be an object, got {rope!r}")
         merged = dict(cfg)
         merged["rope_theta"] = cfg.get("rope_theta") or (rope or {}).get("rope_theta", 1e6)
         merged["rope_scaling"] = rope
@@ -76,7 +119,10 @@ class DraftConfig:
             if key in dflash:
                 merged[key] = dflash[key]
         if "target_layer_ids" not in merged and "aux_hidden_state_layer_ids" in cfg:
-            merged["target_layer_ids"] = [i - 1 for i in cfg["aux_hidden_state_layer_ids"]]
+            aux = cfg["aux_hidden_state_layer_ids"]
+            if not isinstance(aux, list) or not all(_is_int(i) for i in aux):
+                raise BlockPilotError(f"draft config aux_hidden_state_layer_ids must be a list of integers, got {aux!r}")
+            merged["target_layer_ids"] = [i - 1 for i in aux]
         names = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in merged.items() if k in names})
@@ -88,6 +134,8 @@ class DraftConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["target_layer_ids"] = list(self.target_layer_ids)
         out["layer_types"] = list(self.layer_types)
+        if self.draft_vocab_size is None:
+            del out["draft_vocab_size"]
         out["architectures"] = ["DFlashDraftModel"]
         out["model_type"] = "qwen3"
         out["dflash_config"] = {
@@ -198,6 +246,18 @@ class DraftLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class ReducedHead:
+    """The target head's rows of a reduced draft vocabulary, gathered once per target model."""
+
+    def __init__(self):
+        self.model = self.rows = None
+
+    def __call__(self, model: nn.Module, ids: mx.array, h: mx.array) -> mx.array:
+        if self.model is not model:
+            self.model, self.rows = model, target.head_rows(model, ids)
+        return self.rows(h)
+
+
 class DFlashDraft(nn.Module):
     """The drafter's own weights (no embedding, no head: those are the target's)."""
 
@@ -216,8 +276,25 @@ class DFlashDraft(nn.Module):
             max_position_embeddings=cfg.max_position_embeddings,
         )
 
+        if cfg.draft_vocab_size is not None:
+            self.d2t = mx.zeros((cfg.draft_vocab_size,), dtype=mx.int64)
+            self.freeze(keys=["d2t"], recurse=False)
+        self.reduced_head = ReducedHead()  # a plain object: not a parameter, not a child module
+
     def make_cache(self) -> List[KVCache]:
         return [KVCache() for _ in self.layers]
+
+    def draft_ids(self) -> Optional[mx.array]:
+        """The target ids the head covers (in draft id order), or None for the full vocabulary."""
+        if self.config.draft_vocab_size is None:
+            return None
+        return (mx.arange(self.config.draft_vocab_size) + self.d2t).astype(mx.int32)
+
+    def head(self, model: nn.Module, h: mx.array) -> mx.array:
+        """Logits over the drafter's vocabulary: the target's head, restricted to ``draft_ids``."""
+        if self.config.draft_vocab_size is None:
+            return target.lm_head(model, h)
+        return self.reduced_head(model, self.draft_ids(), h)
 
     def __call__(self, block_embeddings: mx.array, context_hidden: mx.array, cache=None, anchors=None) -> mx.array:
         """Normalised hidden states of the block positions.
@@ -243,9 +320,15 @@ class DFlashDraft(nn.Module):
         return self.norm(h)
 
     def propose(self, model: nn.Module, block: mx.array, context_hidden: mx.array, cache) -> mx.array:
-        """Draft logits ``(B - 1, V)`` for block positions 1.. with the target's embedding and head."""
+        """Draft logits ``(B - 1, V)`` for block positions 1.. with the target's embedding and head
+        (``-inf`` outside a reduced draft vocabulary: the drafter never proposes those tokens)."""
         h = self(target.embed(model, block), context_hidden, cache)
-        return target.lm_head(model, h[0, 1:])
+        logits = self.head(model, h[0, 1:])
+        if self.config.draft_vocab_size is None:
+            return logits
+        full = mx.full((logits.shape[0], target.vocab_size(model)), -mx.inf, dtype=logits.dtype)
+        full[:, self.draft_ids()] = logits
+        return full
 
 
 class Drafter(Protocol):
@@ -268,8 +351,8 @@ def read_draft_config(path: str | Path) -> Tuple[DraftConfig, Dict[str, Any]]:
     if not cfg_file.is_file():
         raise BlockPilotError(f"no drafter config.json in {path}; pass a DFlash drafter directory")
     try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BlockPilotError(f"cannot read drafter config {cfg_file}: {e}") from None
     return DraftConfig.from_dict(raw), raw
 
@@ -301,6 +384,13 @@ def load_draft(path: str | Path) -> DFlashDraft:
     except ValueError as e:
         raise BlockPilotError(f"drafter weights in {path} do not match its config.json: {e}") from None
     mx.eval(model.parameters())
+    ids = model.draft_ids()
+    if ids is not None:
+        ids = ids.tolist()
+        if not (0 <= ids[0] and ids[-1] < cfg.vocab_size and all(a < b for a, b in zip(ids, ids[1:]))):
+            raise BlockPilotError(
+                f"drafter {path}: d2t must map draft ids to increasing target ids below {cfg.vocab_size}"
+            )
     model.eval()
     return model
 

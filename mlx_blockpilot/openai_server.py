@@ -11,6 +11,7 @@ import json
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -20,10 +21,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .api import chat_prompt, stream_generate
 from .cache import make_cache
+from .errors import BlockPilotError
 from .options import GenerationOptions, OptionError, check_prompt_length
 from .target import max_context
 
 MAX_BODY = 16 * 1024 * 1024
+DRAIN_BODY = 64 * 1024 * 1024  # a larger body is read (and dropped) up to this before its 413
+LISTEN_BACKLOG = 128  # connections the kernel holds while the accept loop hands them to threads
+PROBE_EVERY_S = 1.0
 _NOTHING = object()
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -296,13 +301,16 @@ def usage(r) -> Dict[str, int]:
             "total_tokens": r.prompt_tokens + r.generation_tokens}
 
 
-def _peer_closed(sock: socket.socket) -> bool:
-    """True when the client has closed its end (readable with nothing to read)."""
+def peer_state(sock: socket.socket) -> str:
+    """``"open"``, ``"eof"`` (the client will send nothing more: it either closed the
+    connection or only its sending side) or ``"gone"`` (the connection is reset)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+            return "eof"
+        return "open"
     except (OSError, ValueError):
-        return True
+        return "gone"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -335,16 +343,31 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(411 if length is None else 400, "a Content-Length header is required")
         if int(length) > MAX_BODY:
             self.close_connection = True
+            self._drain(min(int(length), DRAIN_BODY))  # so the client reads the 413, not a broken pipe
             raise RequestError(413, f"the request body is larger than {MAX_BODY} bytes")
         raw = self.rfile.read(int(length))
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is nested too deeply") from None
 
-    def _events(self, job: Job):
-        """The job's responses; cancels the job when the client goes away."""
-        checked = time.monotonic()
+    def _drain(self, n: int) -> None:
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 20))
+            if not chunk:
+                return
+            n -= len(chunk)
+
+    def _events(self, job: Job, probe: bytes):
+        """The job's responses; cancels the job when the client goes away.
+
+        A client that stops sending may have closed the connection or only half-closed it
+        (it still waits for the answer). Writing ``probe`` (bytes every client ignores)
+        tells them apart: a closed connection answers it with a reset.
+        """
+        checked = probed = time.monotonic() - PROBE_EVERY_S
         while True:
             try:
                 item = job.events.get(timeout=self.poll_s)
@@ -352,7 +375,15 @@ class Handler(BaseHTTPRequestHandler):
                 item = _NOTHING
             if time.monotonic() - checked >= self.poll_s:
                 checked = time.monotonic()
-                if _peer_closed(self.connection):
+                state = peer_state(self.connection)
+                if state == "eof" and checked - probed >= PROBE_EVERY_S:
+                    probed = checked
+                    try:
+                        self.wfile.write(probe)
+                        self.wfile.flush()
+                    except OSError:
+                        state = "gone"
+                if state == "gone":
                     job.cancel.set()
                     return
             if item is _NOTHING:
@@ -408,7 +439,7 @@ class Handler(BaseHTTPRequestHandler):
         req = job.request
         matcher, text, r = StopMatcher(req.stop), [], None
         try:
-            for r in self._events(job):
+            for r in self._events(job, b"HTTP/1.1 100 Continue\r\n\r\n"):
                 text.append(matcher.feed(r.text))
                 if matcher.hit:
                     break
@@ -466,7 +497,7 @@ class Handler(BaseHTTPRequestHandler):
             send(first)
         matcher, r = StopMatcher(req.stop), None
         try:
-            for r in self._events(job):
+            for r in self._events(job, b": waiting\n\n"):
                 piece = matcher.feed(r.text)
                 if piece:
                     send(chunk(piece))
@@ -495,13 +526,27 @@ class Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------- entry points
 
 
+class Server(ThreadingHTTPServer):
+    """The standard threading HTTP server with a deeper listen backlog (a burst beyond the
+    queue gets 429s, not connection resets) and one log line for a client that hangs up."""
+
+    request_queue_size = LISTEN_BACKLOG
+
+    def handle_error(self, request, client_address):
+        kind, error = sys.exc_info()[:2]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"{client_address[0]}: client hung up ({kind.__name__})", file=sys.stderr, flush=True)
+        else:
+            super().handle_error(request, client_address)
+
+
 def make_server(bundle, host: str = "127.0.0.1", port: int = 8080, max_queue: int = 16,
                 model_name: Optional[str] = None, verbose: bool = False) -> ThreadingHTTPServer:
     """A ready-to-serve HTTP server (call ``serve_forever``; ``shutdown`` stops it)."""
     engine = Engine(bundle, max_queue)
     name = model_name or (bundle.path.name if bundle.path else "mlx-blockpilot")
     handler = type("BoundHandler", (Handler,), {"engine": engine, "model_name": name})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = Server((host, port), handler)
     server.daemon_threads = True
     server.verbose = verbose
     server.started = int(time.time())

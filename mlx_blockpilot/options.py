@@ -5,6 +5,7 @@ flags, a server request's fields). Building one validates it; ``OptionError`` na
 the offending option so a CLI or the server can put the error in its own words.
 """
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
@@ -15,6 +16,10 @@ AUTO = "auto"
 # Prompt tokens per target pass during prefill (as mlx-lm's prefill_step_size).
 PREFILL_STEP_SIZE = 2048
 DEFAULT_MAX_TOKENS = 256
+# Temperatures below this decode greedily: dividing logits by them overflows float32
+# (1e-46 is 0 in float32), and sampling that cold is greedy decoding anyway.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = 2**64  # mx.random.key takes 0 <= seed < 2**64
 
 
 class OptionError(BlockPilotError):
@@ -53,12 +58,14 @@ class GenerationOptions:
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise OptionError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise OptionError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise OptionError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise OptionError("top_p", f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise OptionError("top_k", f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise OptionError("top_k", f"top-k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < SEED_RANGE):
+            raise OptionError("seed", f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.block_size is not None:
             check_block_size(self.block_size)
         if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
@@ -75,7 +82,8 @@ class GenerationOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Decode greedily: temperature 0, or below ``GREEDY_BELOW``."""
+        return self.temperature < GREEDY_BELOW
 
     def resolve(self, draft_block_size: int, policy) -> "GenerationOptions":
         """These options with ``block_size`` decided: the default is ``"auto"`` when there is

@@ -111,6 +111,15 @@ def _sharegpt(text: str, path) -> Iterator[str]:
             yield first["value"]
 
 
+def check_text(text: str, what: str = "the prompt") -> str:
+    """``text`` if it is valid Unicode text (command lines and pipes can carry stray bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BlockPilotError(f"{what} is not valid UTF-8 text; pass UTF-8 encoded text") from None
+    return text
+
+
 def encode_chat(tokenizer, messages: List[dict]) -> List[int]:
     """Token ids of ``messages`` under the tokenizer's chat template, ready for the assistant turn."""
     if not getattr(tokenizer, "has_chat_template", False):

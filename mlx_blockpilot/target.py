@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import BlockPilotError
 
@@ -77,12 +78,44 @@ def lm_head(model: nn.Module, h: mx.array) -> mx.array:
     return head.as_linear(h) if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)) else head(h)
 
 
+def head_rows(model: nn.Module, ids: mx.array) -> nn.Module:
+    """The output head restricted to the vocabulary rows ``ids``: ``(.., H) -> (.., len(ids))``
+    logits equal to ``lm_head(model, h)[..., ids]`` (quantized heads stay quantized)."""
+    head = _head(model)
+    H = hidden_size(model)
+    if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        sub = nn.QuantizedLinear(H, len(ids), bias=False, group_size=head.group_size, bits=head.bits,
+                                 mode=getattr(head, "mode", "affine"))
+        sub.weight, sub.scales = head.weight[ids], head.scales[ids]
+        if getattr(head, "biases", None) is not None:
+            sub.biases = head.biases[ids]
+    else:
+        sub = nn.Linear(H, len(ids), bias=False)
+        sub.weight = head.weight[ids]
+    if "bias" in head:
+        sub.bias = head.bias[ids]
+    mx.eval(sub.parameters())
+    return sub
+
+
 def head_weight(model: nn.Module) -> Optional[mx.array]:
     """The output matrix ``(V, H)`` (for training on a subset of its rows), or None when quantized."""
     head = _head(model)
     if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return None
     return head.weight
+
+
+def make_cache(model: nn.Module) -> List[Any]:
+    """The target's KV caches for speculative decoding: mlx-lm's, except that sliding-window
+    layers get a plain ``KVCache``.
+
+    mlx-lm's ``RotatingKVCache`` drops keys older than the window, so once it has wrapped,
+    rejected draft tokens cannot be trimmed from it. A plain cache keeps them and
+    ``forward`` applies the window with the attention mask instead: the same attention,
+    and every round can be rewound. (It holds the whole context rather than a window.)
+    """
+    return [KVCache() if isinstance(c, RotatingKVCache) else c for c in make_prompt_cache(model)]
 
 
 def forward(

@@ -123,9 +123,11 @@ def write_draft(
     sliding_window: Optional[int] = None,
     seed: int = 1,
     block_size: int = 16,
+    draft_ids: Optional[Sequence[int]] = None,
     **overrides,
 ) -> dict:
-    """A random z-lab-layout DFlash drafter for ``target_cfg``."""
+    """A random z-lab-layout DFlash drafter for ``target_cfg`` (with ``draft_ids``: a reduced
+    draft vocabulary, saved as ``draft_vocab_size`` + ``d2t``)."""
     path.mkdir(parents=True, exist_ok=True)
     H = target_cfg["hidden_size"]
     hd, nh, nkv, I = 16, 4, 2, 128
@@ -170,6 +172,10 @@ def write_draft(
         w[p + "mlp.down_proj.weight"] = _normal(rng, (H, I), I**-0.5)
         w[p + "input_layernorm.weight"] = np.ones(H, np.float32)
         w[p + "post_attention_layernorm.weight"] = np.ones(H, np.float32)
+    if draft_ids is not None:
+        ids = np.array(sorted(draft_ids), np.int64)
+        w["d2t"] = ids - np.arange(len(ids))
+        cfg["draft_vocab_size"] = len(ids)
     save_file(w, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return cfg

@@ -7,7 +7,6 @@ import pytest
 from mlx_blockpilot.bench.drafters import true_continuation
 from mlx_blockpilot.bench.runner import profile_rounds
 from mlx_blockpilot.cli.bench import main as bench_main
-from mlx_blockpilot.errors import BlockPilotError
 
 PROMPTS = ["the quick brown fox", "what is the capital of france?"]
 
@@ -98,7 +97,9 @@ def test_target_without_drafter_is_a_clear_error(prompts_txt, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, match",
-    [(["--repeats", "0"], "--repeats"), (["--block-sizes", "0"], "block sizes"), (["--profile", "auto"], "--profile")],
+    [(["--repeats", "0"], "--repeats"), (["--block-sizes", "0"], "block sizes"), (["--profile", "auto"], "--profile"),
+     (["--out", "/proc/1/bench-out"], "cannot write into"), (["--temp", "nan"], "temperature"),
+     (["--limit", "0"], "limit must be >= 1")],
 )
 def test_bad_arguments(prompts_txt, tmp_path, capsys, extra, match):
     assert bench_main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o"), *extra]) == 2
@@ -130,3 +131,13 @@ def test_policy_row_and_sampling(qwen3, prompts_txt, tmp_path):
     assert rows["ours auto"]["policy_ms"] > 0 and 0 < rows["ours auto"]["policy_share_of_prefill"]
     assert "of prefill" in (out / "results.md").read_text()
     assert res["profile"] is None and res["costs"] == {}
+
+
+def test_an_unusable_out_fails_before_the_benchmark_runs(qwen3, prompts_txt, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    argv = ["--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir), "--prompts", str(prompts_txt),
+            "--out", str(tmp_path / "file"), "--repeats", "1", "--max-tokens", "4"]
+    assert bench_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a directory" in err and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "not a directory"

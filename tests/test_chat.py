@@ -103,6 +103,15 @@ def test_bundle_and_seeded_sampling(llama, tmp_path):
     assert sampled[0][0] == 0 and sampled[0][1] == sampled[1][1]
 
 
+def test_a_message_that_is_not_utf8_gets_one_error_line_and_the_chat_goes_on(llama):
+    cmd = [sys.executable, "-m", "mlx_blockpilot.chat", *map(str, model_args(llama)), "--max-tokens", "8"]
+    proc = subprocess.run(cmd, input=b"caf\xe9 \xff\nhello\n", capture_output=True, timeout=300, env=env())
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert err.count("error: ") == 1 and "UTF-8" in err and "Traceback" not in err
+    assert out == script_reference(llama, ["hello"], 8, system=None)[0] + "\n"
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
@@ -111,6 +120,8 @@ def test_bundle_and_seeded_sampling(llama, tmp_path):
         (["--max-tokens", "0"], "max-tokens"),
         (["--block-size", "0"], "block size"),
         (["--block-size", "auto"], "policy"),
+        (["--temp", "nan"], "temperature"),
+        (["--seed", "-5"], "seed"),
     ],
 )
 def test_bad_arguments(llama, capsys, argv, match):

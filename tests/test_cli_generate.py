@@ -97,6 +97,11 @@ def test_truncated_weights(qwen3, tmp_path, capsys):
         (["--temp", "1", "--top-p", "1.2"], "top-p"),
         (["--temp", "1", "--top-k", "-2"], "top-k"),
         (["--block-size", "auto"], "policy"),
+        (["--temp", "nan"], "temperature must be a finite number"),
+        (["--temp", "inf"], "temperature must be a finite number"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
+        (["--seed", str(2**70)], "seed must be an integer in [0, 2**64)"),
+        (["--block-size", "three"], "block size must be an integer or 'auto'"),
     ],
 )
 def test_bad_sampling_arguments(qwen3, capsys, extra, match):
@@ -112,3 +117,44 @@ def test_empty_prompt_and_missing_target(qwen3, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_main(capsys, "--target", tmp_path / "empty", "--draft", qwen3.draft_dir, "--prompt", "hi")
     assert code == 2 and "config.json" in err
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ([1, 2, 3], "must be a JSON object"),
+        ({"dflash_config": {"target_layer_ids": "1,3"}}, "target_layer_ids must be a list of integers"),
+        ({"dflash_config": {"target_layer_ids": [1, 3], "mask_token_id": "5"}}, "mask_token_id must be an integer"),
+        ({"dflash_config": []}, "dflash_config must be an object"),
+        ({"hidden_size": "64"}, "hidden_size must be a positive integer"),
+    ],
+)
+def test_malformed_drafter_configs(qwen3, tmp_path, capsys, config, match):
+    draft = bad_draft(tmp_path, qwen3)
+    if isinstance(config, dict):
+        cfg = json.loads((draft / "config.json").read_text())
+        for key, value in config.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+        config = cfg
+    (draft / "config.json").write_text(json.dumps(config))
+    code, out, err = run_main(capsys, "--target", qwen3.target_dir, "--draft", draft, "--prompt", "hi")
+    assert code == 2 and out == "" and err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_prompt_that_is_not_utf8(qwen3):
+    cmd = [sys.executable.encode(), b"-m", b"mlx_blockpilot.generate", b"--target", str(qwen3.target_dir).encode(),
+           b"--draft", str(qwen3.draft_dir).encode(), b"--prompt", b"caf\xe9 \xff"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.startswith("error: ") and "UTF-8" in err and err.count("\n") == 1, err
+
+
+def test_temperatures_too_small_to_divide_by_decode_greedily(qwen3):
+    from mlx_blockpilot.decode import generate
+
+    prompt = qwen3.tokenizer.encode("the quick brown fox")
+    ref = [t for t, _ in generate_step(mx.array(prompt), qwen3.model, max_tokens=16)]
+    for temp in (1e-46, 1e-30, 1e-6):
+        r = generate(qwen3.model, qwen3.draft, qwen3.tokenizer, prompt, block_size=4, max_tokens=16, temperature=temp, seed=1)
+        stop = next((i for i, t in enumerate(ref) if t in qwen3.tokenizer.eos_token_ids), len(ref) - 1)
+        assert r.tokens == ref[: stop + 1], temp

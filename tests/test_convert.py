@@ -371,6 +371,30 @@ def test_interrupted_conversion_leaves_nothing(llama, tmp_path, monkeypatch, exc
     assert listing(tmp_path) == []  # not even the parent directory it created
 
 
+def test_a_killed_conversion_is_cleaned_up_by_the_next(llama, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "bundle"
+    cmd = [sys.executable, "-m", "mlx_blockpilot.convert", "--target", str(llama.target_dir),
+           "--draft", str(llama.draft_dir), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".bundle.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up runs
+    proc.wait()
+    left = list(tmp_path.glob(".bundle.*.tmp"))
+    assert left and not out.exists(), "the conversion should have been killed while writing"
+    # somebody else's live conversion of the same output is left alone
+    live = tmp_path / f".bundle.{os.getpid()}.abc.tmp"
+    live.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob(".bundle.*.tmp")) == [live.name]
+    assert (out / "blockpilot.json").is_file()
+
+
 def test_interrupt_exit_code(llama, tmp_path, monkeypatch, capsys):
     from mlx_blockpilot.converters import dflash
 

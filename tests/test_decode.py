@@ -193,3 +193,51 @@ def test_policy_picks_block_size_from_prefill(tiny, kind):
         assert r.block_size == choose_block_size(policy, feats)
         assert all(a <= r.block_size for a in r.acceptance_lengths)
     assert r.policy_s > 0
+
+
+def test_reduced_draft_vocabulary_is_lossless(qwen3, tmp_path):
+    """A drafter whose head covers a third of the vocabulary: same tokens as mlx-lm, and it
+    only ever proposes tokens of its vocabulary (the rest come from the target)."""
+    from fixtures import write_draft
+
+    from mlx_blockpilot.draft import load_draft
+
+    ids = list(range(0, qwen3.cfg["vocab_size"], 3))
+    write_draft(tmp_path / "d", qwen3.cfg, qwen3.mask_id, draft_ids=ids)
+    draft = load_draft(tmp_path / "d")
+    assert draft.config.draft_vocab_size == len(ids) and draft.draft_ids().tolist() == ids
+    tok = no_eos(qwen3.tokenizer)
+    cache = make_cache(qwen3.model, draft)
+    cache.commit([5, 6, 7], None, 3)
+    mx.eval([c.state for c in cache.target])
+    logits = draft.propose(qwen3.model, mx.array([[7] + [qwen3.mask_id] * 4]), mx.zeros((1, 3, 2 * qwen3.cfg["hidden_size"])), cache.draft)
+    assert set(np.array(mx.argmax(logits, -1)).tolist()) <= set(ids)
+    assert np.isinf(np.array(logits)[:, [i for i in range(qwen3.cfg["vocab_size"]) if i not in ids]]).all()
+    for length in (1, 37):
+        prompt = make_prompt(length, seed=40 + length)
+        ref = reference(qwen3.model, prompt)
+        for block in (2, 4, 7):
+            assert generate(qwen3.model, draft, tok, prompt, block_size=block, max_tokens=MAX).tokens == ref, (length, block)
+
+
+def test_bad_draft_vocabulary_tables_are_refused(qwen3, tmp_path):
+    import json
+
+    from fixtures import write_draft
+
+    from mlx_blockpilot.draft import load_draft
+
+    write_draft(tmp_path / "big", qwen3.cfg, qwen3.mask_id, draft_ids=range(3))
+    cfg = json.loads((tmp_path / "big" / "config.json").read_text())
+    (tmp_path / "big" / "config.json").write_text(json.dumps(dict(cfg, draft_vocab_size=10**6)))
+    with pytest.raises(BlockPilotError, match="draft_vocab_size"):
+        load_draft(tmp_path / "big")
+    write_draft(tmp_path / "order", qwen3.cfg, qwen3.mask_id, draft_ids=[4, 9, 12])
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(tmp_path / "order" / "model.safetensors"))
+    w["d2t"] = np.array([4, 0, -1], np.int64)  # target ids 4, 1, 1: not increasing
+    save_file(w, str(tmp_path / "order" / "model.safetensors"))
+    with pytest.raises(BlockPilotError, match="d2t"):
+        load_draft(tmp_path / "order")
+    assert json.loads((tmp_path / "order" / "config.json").read_text())["draft_vocab_size"] == 3

@@ -107,6 +107,7 @@ def test_sweep_cli(qwen3, tmp_path, capsys):
     assert {k: r["output_sha1"] for k, r in refined_runs.items()} == {k: r["output_sha1"] for k, r in runs.items()}
     for args, msg in [
         (["--block-sizes", "4-2"], "block sizes must look like"),
+        (["--temp", "-1"], "temperature"),
         (["--features", "hidden"], "features must be 'logits'"),
         (["--max-tokens", "1"], "max-tokens must be >= 2"),
     ]:
@@ -114,6 +115,9 @@ def test_sweep_cli(qwen3, tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert sweep_main(base + ["--out", str(tmp_path / "nodir" / "x.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert sweep_main(base + ["--out", "/proc/1/sweep.jsonl"]) == 2  # a folder nobody may write into
+    assert "cannot write into" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "x.features").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +193,18 @@ def test_train_policy_bad_inputs(tmp_path, capsys, qwen3):
     write_synthetic_sweep(full, n=6)
     holey = tmp_path / "holey.jsonl"
     write_synthetic_sweep(holey, n=6, drop=(2, 4))
+    no_id = tmp_path / "no_id.jsonl"
+    no_id.write_text("\n".join(line.replace('"id": ', '"name": ') for line in full.read_text().splitlines()) + "\n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(full.read_bytes() + "caf\xe9".encode("latin-1"))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "blockpilot.json").write_text("{}")
     cases = [
+        (["--sweep", str(no_id)], "lacks id"),
+        (["--sweep", str(latin)], "not UTF-8 text"),
+        (["--sweep", str(full), "--out", "/proc/1/blockpilot-out"], "cannot write into"),
+        (["--sweep", str(full), "--out", str(bundle)], "exists and is not empty"),
         ([ "--sweep", str(holey)], "missing block size(s) [4] for 1 of 6 prompts"),
         (["--sweep", str(full), "--input", "hidden"], "no hidden features"),
         (["--sweep", str(full), "--holdout", "0.05"], "too few for a 0.05 held-out split"),
@@ -201,9 +216,11 @@ def test_train_policy_bad_inputs(tmp_path, capsys, qwen3):
         (["--sweep", str(full), "--q-bits", "8"], "not a multiple of the quantization group size 64"),
     ]
     for args, msg in cases:
-        assert train_main(args + ["--out", str(tmp_path / "p"), "--epochs", "1"]) == 2, args
+        out = ["--out", str(tmp_path / "p")] if "--out" not in args else []
+        assert train_main(args + out + ["--epochs", "1"]) == 2, args
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and msg in err, (args, err)
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
+        assert not (tmp_path / "p").exists() and sorted(p.name for p in bundle.iterdir()) == ["blockpilot.json"]
     # A sweep run without --features hidden cannot train a hidden policy; corrupt features are caught.
     (tmp_path / "full.features" / "p001.safetensors").unlink()
     assert train_main(["--sweep", str(full), "--out", str(tmp_path / "p")]) == 2

@@ -1,5 +1,6 @@
 """Speculative sampling keeps the target's output distribution (T > 0, top-p, top-k)."""
 
+import json
 import math
 from itertools import product
 
@@ -98,12 +99,17 @@ def test_output_distribution_equals_target(small_vocab, block, temp, top_p, top_
         counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
         accepted_any += any(a > 1 for a in r.acceptance_lengths)
     assert accepted_any > 0.05 * RUNS, "the test should exercise accepted draft tokens"
-    # Sequences the target cannot produce never appear.
+    assert_same_distribution(counts, exact)
+
+
+def assert_same_distribution(counts, exact):
+    """Sampled sequence ``counts`` against ``exact`` probabilities: nothing impossible, and a
+    chi-square over outcomes (rare ones, expected count < 5, pooled) that does not reject."""
+    runs = sum(counts.values())
     assert all(exact.get(s, 0) > 0 for s in counts), "sampled a sequence with zero target probability"
-    # Chi-square over outcomes, pooling rare ones (expected count < 5).
     stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
     for seq, p in exact.items():
-        e = p * RUNS
+        e = p * runs
         o = counts.get(seq, 0)
         if e < 5:
             pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
@@ -115,6 +121,27 @@ def test_output_distribution_equals_target(small_vocab, block, temp, top_p, top_
         df += 1
     assert df >= 5
     assert chi2_pvalue(stat, df) > 1e-4, f"chi2={stat:.1f} df={df}"
+
+
+def test_reduced_draft_vocabulary_keeps_the_distribution(small_vocab, tmp_path):
+    """A drafter that can only propose 5 of the 8 tokens: still the target's distribution."""
+    model, _ = small_vocab
+    cfg = json.loads(json.dumps(dict(vocab_size=VOCAB, hidden_size=model.args.hidden_size, rope_theta=model.args.rope_theta,
+                                     max_position_embeddings=model.args.max_position_embeddings,
+                                     num_hidden_layers=model.args.num_hidden_layers)))
+    write_draft(tmp_path / "d", cfg, mask_token_id=VOCAB - 1, seed=5, draft_ids=[0, 2, 3, 5, 7])
+    draft = load_draft(tmp_path / "d")
+    tok = word_tokenizer()
+    prompt = [1, 4, 2]
+    exact = exact_distribution(model, prompt, 1.0, 1.0, 0)
+    counts, accepted_any = {}, 0
+    for seed in range(RUNS):
+        r = generate(model, draft, tok, prompt, block_size=4, max_tokens=STEPS, temperature=1.0, seed=seed)
+        counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+        accepted_any += any(a > 1 for a in r.acceptance_lengths)
+    assert accepted_any > 0.05 * RUNS
+    assert any(t in (1, 4, 6) for s in counts for t in s), "tokens outside the draft vocabulary still come out"
+    assert_same_distribution(counts, exact)
 
 
 def test_seed_reproducible(small_vocab):

@@ -56,12 +56,13 @@ class Server:
         cmd = [sys.executable, "-m", "mlx_blockpilot.server", "--target", str(fx.target_dir),
                "--draft", str(fx.draft_dir), "--port", "0", *map(str, extra)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.log = []
         line = self.proc.stderr.readline()
         match = re.search(r"http://([\d.]+):(\d+)/v1", line)
         assert match, f"server did not start: {line}"
         self.host, self.port = match.group(1), int(match.group(2))
         self.base = f"http://{self.host}:{self.port}/v1"
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()  # keep it drained
 
     def client(self):
         return openai.OpenAI(base_url=self.base, api_key="none", max_retries=0, timeout=120)
@@ -179,6 +180,10 @@ MSG = [{"role": "user", "content": "hi"}]
     [
         (CHAT, b'{"messages": [', 400, None),
         (CHAT, b"\xff\xfe", 400, None),
+        (CHAT, b"[" * 100000, 400, None),
+        (CHAT, {"messages": MSG, "temperature": float("nan")}, 400, "temperature"),
+        (CHAT, {"messages": MSG, "seed": -1}, 400, "seed"),
+        (CHAT, {"messages": MSG, "seed": 2**70}, 400, "seed"),
         (CHAT, [1, 2], 400, None),
         (CHAT, {"messages": "hi"}, 400, "messages"),
         (CHAT, {}, 400, "messages"),
@@ -305,3 +310,62 @@ def test_load_every_answer_exact_and_memory_flat(llama):
         assert rss_after - rss_before < 30 * 1024, (rss_before, rss_after)
     finally:
         server.stop()
+
+
+def _status_of(sock) -> int:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    lines = [line for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ") and not line.startswith(b"HTTP/1.1 100")]
+    return int(lines[0].split()[1]) if lines else 0
+
+
+def test_hostile_clients_get_answers_not_resets(server, llama):
+    server.wait_idle()
+    small = {"messages": MSG, "max_tokens": 4, "temperature": 0}
+
+    # a burst far beyond the queue: every request gets an HTTP answer (200 or 429), none a reset
+    def post(_):
+        try:
+            return server.request("POST", CHAT, small)[0]
+        except OSError as e:
+            return type(e).__name__
+    with ThreadPoolExecutor(26) as pool:
+        statuses = list(pool.map(post, range(26)))
+    assert set(statuses) <= {200, 429} and 200 in statuses, statuses
+
+    # a client that half-closes after its request still gets the whole answer
+    server.wait_idle()
+    sock = socket.create_connection((server.host, server.port), timeout=60)
+    data = json.dumps(small).encode()
+    sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    sock.shutdown(socket.SHUT_WR)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    sock.close()
+    body = reply.split(b"\r\n\r\n")[-1]
+    assert b" 200 OK" in reply and json.loads(body)["choices"][0]["message"]["content"] == greedy(llama, chat_ids(llama, "hi"), 4)[0]
+
+    # a 20 MB body: the client reads the 413 instead of a broken pipe
+    sock = socket.create_connection((server.host, server.port), timeout=60)
+    big = b"x" * (20 * 1024 * 1024)
+    sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n".encode() + big)
+    assert _status_of(sock) == 413
+    sock.close()
+
+    # clients that hang up in the middle of their headers leave one log line each, no traceback
+    before = len(server.log)
+    for linger in (False, True):
+        sock = socket.create_connection((server.host, server.port), timeout=60)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        if linger:  # a reset rather than an orderly close
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+    time.sleep(1.0)
+    new = "".join(server.log[before:])
+    assert "Traceback" not in new, new
+    assert server.health()["busy"] is False

@@ -12,6 +12,7 @@ from test_decode import make_prompt, no_eos, reference
 from mlx_blockpilot import target
 from mlx_blockpilot.decode import generate
 from mlx_blockpilot.draft import DraftConfig, load_draft
+from mlx_blockpilot.errors import BlockPilotError
 from mlx_blockpilot.cli.train_draft import main
 from mlx_blockpilot.training.distill import Example, distill, greedy_batch, load_data
 from mlx_blockpilot.training.draft_trainer import (
@@ -227,6 +228,83 @@ def test_cli_writes_a_loadable_lossless_drafter_and_resumes(llama, tmp_path, cap
     capsys.readouterr()
     assert _cli(llama, tmp_path / "missing.txt", tmp_path / "x", 1) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_token_file_round_trip_and_features_rebuilt_by_prefill(tiny, tmp_path):
+    from mlx_blockpilot.training.distill import featurize, read_token_file, write_token_file
+
+    data = _distilled(tiny, tmp_path)
+    write_token_file(data, tmp_path / "tokens.safetensors", {"what": "test"})
+    seqs = read_token_file(tmp_path / "tokens.safetensors")
+    assert [s.tokens.tolist() for s in seqs] == [e.tokens.tolist() for e in data]
+    assert [s.prompt_len for s in seqs] == [e.prompt_len for e in data]
+    stats = list(featurize(tiny.model, seqs, tmp_path / "rebuilt", LAYERS, batch_size=4))
+    assert sum(s["prompts"] for s in stats) == len(data)
+    rebuilt = {tuple(e.tokens.tolist()): e for e in load_data(tmp_path / "rebuilt")}
+    for e in data:  # teacher forcing gives the features the target computed while generating
+        np.testing.assert_allclose(rebuilt[tuple(e.tokens.tolist())].features.astype(np.float32),
+                                   e.features.astype(np.float32), atol=2e-2, rtol=2e-2)
+    (tmp_path / "junk.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(BlockPilotError, match="cannot read token file"):
+        read_token_file(tmp_path / "junk.safetensors")
+
+
+def test_select_draft_vocab_keeps_the_most_frequent_answer_tokens():
+    from mlx_blockpilot.training.draft_trainer import select_draft_vocab
+
+    e = Example(np.array([9, 9, 9, 5, 5, 5, 7, 7, 3], np.int32), 3, np.zeros((8, 2), np.float16))
+    assert select_draft_vocab([e], 2, 12).tolist() == [5, 7]
+    assert select_draft_vocab([e], 3, 12, always=[1]).tolist() == [1, 5, 7]
+    # fewer answer tokens than asked for: then prompt tokens (9), then the lowest ids
+    assert select_draft_vocab([e], 6, 12).tolist() == [0, 1, 3, 5, 7, 9]
+
+
+def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_path, capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(["the quick brown fox", "hello world", "what is the capital of france?",
+                             "speculative decoding drafts", "tiny tokenizer for tests", "paris is the capital"]))
+    first = tmp_path / "first"
+    assert _cli(llama, pf, first, 2, "--export-tokens", str(tmp_path / "tokens.safetensors")) == 0
+    out = tmp_path / "reduced"
+    assert _cli(llama, pf, out, 4, "--draft-vocab", "60", "--causal", "--init-from", str(first),
+                "--val-sequences", "1", "--eval-block-size", "4", "--data-tokens", str(tmp_path / "tokens.safetensors")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sequences"] == 3  # 4 sequences of the token file, 1 kept out for validation
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["draft_vocab_size"] == 60 and cfg["is_causal"] is True
+    draft = load_draft(out)
+    evals = [r for r in read_log(out / "train_log.jsonl") if "val_acceptance" in r]
+    assert evals and all(1 <= r["val_acceptance"] <= 4 and r["train_cpu_h"] > 0 and r["block_size"] == 4 for r in evals)
+    assert all(len(r["val_position_hit_rate"]) == 3 and "acceptance" in r for r in evals)
+    prompt = make_prompt(9, seed=6)
+    ref = reference(llama.model, prompt, max_tokens=30)
+    for b in (2, 5, 8):
+        assert generate(llama.model, draft, no_eos(llama.tokenizer), prompt, block_size=b, max_tokens=30).tokens == ref
+    capsys.readouterr()
+    assert _cli(llama, pf, tmp_path / "bad", 2, "--init-from", str(tmp_path / "missing")) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--target", "/nonexistent/target"], "does not exist"),
+        (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+        (["--target-layer-ids", "1", "99"], "outside the target's layers"),
+        (["--block-size", "0"], "--block-size must be >= 2"),
+        (["--mask-token-id", "-1"], "--mask-token-id -1 is outside the vocabulary"),
+        (["--draft-vocab", "0"], "--draft-vocab must be in"),
+        (["--out", "/proc/1/draft-out"], "cannot write into"),
+    ],
+)
+def test_bad_input_leaves_no_out_directory(llama, tmp_path, capsys, extra, match):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("the quick brown fox\nhello world\nparis is the capital\n")
+    out = tmp_path / "out"
+    assert _cli(llama, pf, out, 1, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 def test_default_mask_id_avoids_end_of_sequence_tokens(qwen3):

@@ -13,6 +13,7 @@ from .common import (
     add_model_args,
     add_sampling_args,
     block_size_arg,
+    output_dir,
     block_sizes_arg,
     load_from_args,
     options_from_args,
@@ -56,6 +57,11 @@ def _bench(args, argv) -> int:
         raise BlockPilotError("--profile takes a fixed block size >= 1")
     options_from_args(args)  # sampling values checked before anything loads
     texts = load_prompts(args.prompts, limit=args.limit)
+    with output_dir(args.out, "--out"):  # checked before the benchmark, not after it
+        return _bench_into(args, argv, texts)
+
+
+def _bench_into(args, argv, texts) -> int:
     bundle = load_from_args(args)
     target_dir, draft_dir = model_dirs(args)
     prompts = [encode_prompt(bundle.tokenizer, t, chat=not args.no_chat_template) for t in texts]

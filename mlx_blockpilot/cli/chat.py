@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 from ..conversation import Chat, Turn
 from ..errors import BlockPilotError
+from ..prompts import check_text
 from .common import add_model_args, add_sampling_args, check_auto, fail, load_from_args, option_kwargs, options_from_args, parser
 from .generate import stats_line
 
@@ -89,11 +90,16 @@ def main(argv=None) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    if hasattr(sys.stdin, "reconfigure"):  # stray bytes become one error line per message, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     info("mlx_blockpilot chat: /help for commands, /quit or Ctrl-D to leave")
 
     while True:
         try:
-            line = input(">>> " if interactive else "")
+            line = check_text(input(">>> " if interactive else ""), "the message")
+        except BlockPilotError as e:
+            fail(e)
+            continue
         except EOFError:
             if interactive:
                 print()

@@ -2,8 +2,13 @@
 the prompt-count flag, and one error epilogue (``error: ...`` on one line, exit code 2)."""
 
 import argparse
+import os
+import shutil
 import sys
-from typing import Callable, List, Optional
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
 
 from ..errors import BlockPilotError
 from ..options import AUTO, DEFAULT_MAX_TOKENS, GenerationOptions, OptionError
@@ -51,6 +56,49 @@ def run(build: Callable[[], argparse.ArgumentParser], body: Callable[[argparse.N
         return body(build().parse_args(argv)) or 0
     except BlockPilotError as e:
         return fail(e)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def check_writable(directory, flag: str) -> Path:
+    """Raise now, before any work, unless files can be written into ``directory`` (made if needed)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise BlockPilotError(f"{flag} {directory} exists and is not a directory; choose another {flag}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise BlockPilotError(f"cannot write into {directory} ({e.strerror or e}); choose another {flag}") from None
+    return directory
+
+
+@contextmanager
+def output_dir(directory, flag: str) -> Iterator[Path]:
+    """``check_writable(directory)`` for a command's output; if the command fails with bad
+    input and the directory did not exist before, it is removed again (nothing half-written)."""
+    directory = Path(directory)
+    existed = directory.exists()
+    check_writable(directory, flag)
+    try:
+        yield directory
+    except BlockPilotError:
+        if not existed:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def check_file_output(path, flag: str) -> Path:
+    """Raise now unless ``path`` (a file to write or append to) can be written."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise BlockPilotError(f"the folder of {flag} {path} does not exist; create it or choose another {flag}")
+    if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+        raise BlockPilotError(f"{flag} {path} is a directory or not writable; choose another {flag}")
+    check_writable(path.parent, f"the folder of {flag}")
+    return path
 
 
 # ----------------------------------------------------------------------------- value types

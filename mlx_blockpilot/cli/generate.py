@@ -5,7 +5,7 @@ import sys
 
 from ..api import generate, stream_generate
 from ..errors import BlockPilotError
-from ..prompts import encode_prompt
+from ..prompts import check_text, encode_prompt
 from .common import add_model_args, add_sampling_args, check_auto, load_from_args, option_kwargs, options_from_args, parser, run
 
 
@@ -45,7 +45,7 @@ def response_json(r, bundle) -> dict:
 
 
 def _generate(args) -> int:
-    if not args.prompt.strip():
+    if not check_text(args.prompt, "--prompt").strip():
         raise BlockPilotError("the prompt is empty; pass some text with --prompt")
     options = options_from_args(args)
     bundle = load_from_args(args)

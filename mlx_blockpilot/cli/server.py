@@ -24,6 +24,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.max_queue < 1:
             raise BlockPilotError(f"--max-queue must be >= 1, got {args.max_queue}")
+        if not 0 <= args.port <= 65535:
+            raise BlockPilotError(f"--port must be in 0..65535 (0 picks a free one), got {args.port}")
         bundle = load_from_args(args)
         name = args.model_name or Path(args.model or args.target).resolve().name
         server = make_server(bundle, args.host, args.port, args.max_queue, name, args.verbose)

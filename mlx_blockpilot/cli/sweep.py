@@ -4,7 +4,18 @@ import sys
 
 from ..prompts import load_prompts
 from ..training.sweep import sweep
-from .common import add_limit_arg, add_model_args, add_sampling_args, block_sizes_arg, load_from_args, parser, run
+from ..training.sweep_file import check_features
+from .common import (
+    add_limit_arg,
+    add_model_args,
+    add_sampling_args,
+    block_sizes_arg,
+    check_file_output,
+    load_from_args,
+    options_from_args,
+    parser,
+    run,
+)
 
 
 def build_parser():
@@ -23,7 +34,9 @@ def build_parser():
 
 
 def _sweep(args) -> int:
-    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    features = check_features([f.strip() for f in args.features.split(",") if f.strip()])
+    options_from_args(args)  # bad sampling values fail before any file is touched
+    check_file_output(args.out, "--out")
     prompts = load_prompts(args.prompts, limit=args.limit, max_chars=args.max_chars)
     bundle = load_from_args(args)
     done = sweep(

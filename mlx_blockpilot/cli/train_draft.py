@@ -10,9 +10,20 @@ import numpy as np
 from ..errors import BlockPilotError
 from ..prompts import encode_prompt, load_prompts
 from ..training import distill
-from ..training.draft_trainer import acceptance, default_layer_ids, default_mask_id, init_draft, make_config, resolve_target, train
+from ..training.draft_trainer import (
+    acceptance,
+    default_layer_ids,
+    default_mask_id,
+    init_draft,
+    make_config,
+    resolve_target,
+    select_draft_vocab,
+    set_draft_vocab,
+    train,
+    warm_start,
+)
 from .. import target
-from .common import add_limit_arg, block_sizes_arg, parser, run
+from .common import add_limit_arg, block_sizes_arg, output_dir, parser, run
 
 
 def build_parser():
@@ -29,6 +40,11 @@ def build_parser():
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
     p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--causal", action="store_true",
+                   help="causal attention inside a block: any block size up to --block-size matches training")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="reduced draft vocabulary: the N most frequent answer tokens (saved as draft_vocab_size + d2t)")
+    p.add_argument("--init-from", default=None, help="start from this drafter's weights (same shape)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gen-batch", type=int, default=16, help="prompts answered per batch")
     g = p.add_mutually_exclusive_group()
@@ -39,47 +55,68 @@ def build_parser():
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--gamma", type=float, default=None, help="loss weight decay (default B/2 - 1)")
-    p.add_argument("--vocab-sample", type=int, default=8192, help="softmax candidates per step (0 = full vocab)")
+    p.add_argument("--vocab-sample", type=int, default=8192,
+                   help="softmax candidates per step (0 = full vocab; not used with --draft-vocab)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint (same --steps)")
     p.add_argument("--stop-after", type=int, default=None, help="end this run at that step (resume later)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-tokens", type=int, default=64)
+    p.add_argument("--eval-prompts", type=int, default=None,
+                   help="held-out prompts decoded at each evaluation (default: all of --holdout)")
+    p.add_argument("--eval-block-size", type=int, default=None, help="block size of the evaluations (default --block-size)")
+    p.add_argument("--val-sequences", type=int, default=0,
+                   help="distilled sequences kept out of training for a teacher-forced acceptance estimate")
     p.add_argument("--eval-block-sizes", type=lambda v: [] if v in ("", "none") else block_sizes_arg(v), default=[4, 8, 16],
                    help="final held-out report, e.g. 4,8 (none to skip)")
+    p.add_argument("--data-tokens", default=None,
+                   help="train on the sequences of this token file (features rebuilt by prefill) instead of "
+                        "generating answers; --prompts then only gives the held-out prompts")
+    p.add_argument("--export-tokens", default=None, help="also write the distilled sequences as a token file")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def _train_draft(args) -> int:
-    from tqdm import tqdm
-
-    out = Path(args.out)
-    for name, v in (("--holdout", args.holdout), ("--batch", args.batch), ("--blocks-per-seq", args.blocks_per_seq), ("--gen-batch", args.gen_batch), ("--max-new-tokens", args.max_new_tokens)):
+    for name, v in (("--holdout", args.holdout), ("--batch", args.batch), ("--blocks-per-seq", args.blocks_per_seq),
+                    ("--gen-batch", args.gen_batch), ("--max-new-tokens", args.max_new_tokens)):
         if v < (0 if name == "--holdout" else 1):
             raise BlockPilotError(f"{name} must be >= {0 if name == '--holdout' else 1}, got {v}")
-    if out.exists() and not out.is_dir():
-        raise BlockPilotError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if args.block_size < 2 or args.layers < 1:
+        raise BlockPilotError(f"--block-size must be >= 2 and --layers >= 1, got {args.block_size} and {args.layers}")
+    with output_dir(args.out, "--out") as out:  # a run that fails on bad input leaves no new --out behind
+        return _train_into(args, out)
+
+
+def _train_into(args, out: Path) -> int:
+    from tqdm import tqdm
+
     texts = load_prompts(args.prompts, limit=args.limit, min_chars=args.min_chars, max_chars=args.max_chars)
     model, tokenizer, target_dir = resolve_target(args.target, out)
     ids = [i for i in (encode_prompt(tokenizer, t) for t in texts) if 0 < len(i) <= args.max_prompt_tokens]
-    if len(ids) <= args.holdout:
+    if len(ids) <= args.holdout and not args.data_tokens:
         raise BlockPilotError(f"{len(ids)} usable prompts leave none for training after --holdout {args.holdout}")
-    train_ids, held = ids[: len(ids) - args.holdout], ids[len(ids) - args.holdout :]
+    train_ids, held = ids[: len(ids) - args.holdout], ids[len(ids) - args.holdout :] if args.holdout else []
 
     layer_ids = args.target_layer_ids or default_layer_ids(target.num_layers(model))
     mask_id = args.mask_token_id if args.mask_token_id is not None else default_mask_id(tokenizer)
-    cfg = make_config(model, args.layers, layer_ids, args.block_size, mask_id)
+    cfg = make_config(model, args.layers, layer_ids, args.block_size, mask_id, args.causal or None, args.draft_vocab)
 
     data_dir = out / "data"
     tic = time.perf_counter()
     gen = {"prompts": 0, "tokens": 0, "answer_tokens": 0}
-    bar = tqdm(total=len(train_ids), desc="distill", disable=args.no_progress, unit="prompt")
-    done = len((distill.read_meta(data_dir) or {}).get("done", []))
-    bar.update(done)
-    for s in distill.distill(model, train_ids, data_dir, layer_ids, args.max_new_tokens, args.gen_batch, tokenizer.eos_token_ids):
+    if args.data_tokens:
+        sequences = distill.read_token_file(args.data_tokens)
+        stream = distill.featurize(model, sequences, data_dir, layer_ids, args.gen_batch)
+        bar = tqdm(total=len(sequences), desc="features", disable=args.no_progress, unit="seq")
+    else:
+        stream = distill.distill(model, train_ids, data_dir, layer_ids, args.max_new_tokens, args.gen_batch,
+                                 tokenizer.eos_token_ids)
+        bar = tqdm(total=len(train_ids), desc="distill", disable=args.no_progress, unit="prompt")
+    bar.update(len((distill.read_meta(data_dir) or {}).get("done", [])))
+    for s in stream:
         for k in gen:
             gen[k] += s[k]
         bar.update(s["prompts"])
@@ -87,6 +124,15 @@ def _train_draft(args) -> int:
     bar.close()
     gen_s = time.perf_counter() - tic
     examples = distill.load_data(data_dir)
+    if args.export_tokens:
+        distill.write_token_file(examples, args.export_tokens, {"target": str(args.target), "prompts": str(args.prompts),
+                                                                "max_new_tokens": args.max_new_tokens})
+    if args.val_sequences:
+        if args.val_sequences >= len(examples):
+            raise BlockPilotError(f"--val-sequences {args.val_sequences} leaves no sequence to train on")
+        examples, val = examples[: -args.val_sequences], examples[-args.val_sequences :]
+    else:
+        val = []
     answer_tokens = sum(e.answer_len for e in examples)
     steps = args.steps
     if steps is None:
@@ -94,12 +140,17 @@ def _train_draft(args) -> int:
         steps = max(1, math.ceil(epochs * len(examples) / args.batch))
 
     draft = init_draft(model, cfg, args.seed)
+    if args.init_from:
+        warm_start(draft, args.init_from)
+    if cfg.draft_vocab_size is not None:
+        set_draft_vocab(draft, select_draft_vocab(examples, cfg.draft_vocab_size, cfg.vocab_size, tokenizer.eos_token_ids))
     records = train(
         model, tokenizer, draft, examples, out, steps,
         batch_size=args.batch, blocks_per_seq=args.blocks_per_seq, lr=args.lr, warmup=args.warmup,
         gamma=args.gamma, vocab_sample=args.vocab_sample, seed=args.seed, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, eval_prompts=held, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, eval_prompts=held[: args.eval_prompts], eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, progress=not args.no_progress, stop_after=args.stop_after,
+        val_examples=val, eval_block_size=args.eval_block_size, weight_decay=args.weight_decay,
     )
     final = {b: acceptance(model, draft, tokenizer, held, b, args.eval_tokens) for b in args.eval_block_sizes}
     step_s = [r["s"] for r in records if "s" in r]

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from ..dtypes import DTYPES, check_quantization
+from ..errors import BlockPilotError
 from ..policy import PolicyConfig, quantize_policy, save_policy
 from ..training.policy_trainer import (
     OBJECTIVES,
@@ -17,7 +18,7 @@ from ..training.policy_trainer import (
     split,
     train,
 )
-from .common import block_sizes_arg, parser, run
+from .common import block_sizes_arg, output_dir, parser, run
 
 
 def build_parser():
@@ -41,10 +42,14 @@ def build_parser():
     p.add_argument("--q-bits", type=int, default=None, help="quantize the first layer (4 or 8) when saving")
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--target", help="check the policy fits this target directory before training")
+    p.add_argument("--force", action="store_true", help="write into an --out that exists and is not empty")
     return p
 
 
 def _train_policy(args) -> int:
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise BlockPilotError(f"--out {out} exists and is not empty (a bundle?); pass --force to write into it")
     data = read_data(args.sweep, args.input, args.block_sizes)
     config = PolicyConfig(args.input, data.features.shape[1], args.hidden_size, args.num_layers, data.block_sizes)
     if args.target:
@@ -52,23 +57,23 @@ def _train_policy(args) -> int:
     if args.q_bits is not None:
         check_quantization(args.q_bits, args.q_group_size, "policy", config.input_size)
     train_rows, test_rows = split(len(data.ids), args.holdout, args.seed)
-    labels = data.labels(args.objective)
-    policy = train(
-        data.features[train_rows], labels[train_rows], config, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        dropout=args.dropout, seed=args.seed,
-    )
-    policy.set_dtype(DTYPES[args.dtype])
-    if args.q_bits is not None:
-        quantize_policy(policy, args.q_bits, args.q_group_size)
-    out = Path(args.out)
-    save_policy(policy, out)  # the report below is of the policy as saved
-    if len(test_rows):
-        report = evaluate(data, test_rows, predict(policy, data.features[test_rows]), args.objective, train_rows)
-        report["held_out_ids"] = [data.ids[i] for i in test_rows]
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        plot_report(report, out / "report.png")
-        print(format_report(report))
+    with output_dir(out, "--out"):  # checked before training, not after it
+        labels = data.labels(args.objective)
+        policy = train(
+            data.features[train_rows], labels[train_rows], config, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            dropout=args.dropout, seed=args.seed,
+        )
+        policy.set_dtype(DTYPES[args.dtype])
+        if args.q_bits is not None:
+            quantize_policy(policy, args.q_bits, args.q_group_size)
+        save_policy(policy, out)  # the report below is of the policy as saved
+        if len(test_rows):
+            report = evaluate(data, test_rows, predict(policy, data.features[test_rows]), args.objective, train_rows)
+            report["held_out_ids"] = [data.ids[i] for i in test_rows]
+            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            plot_report(report, out / "report.png")
+            print(format_report(report))
     print(f"policy written to {out} (block sizes {data.block_sizes})", file=sys.stderr)
     return 0
 

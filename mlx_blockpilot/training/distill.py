@@ -9,7 +9,8 @@ On disk (``DIR``): ``shard_NNNNN.safetensors`` with ``tokens`` (int32, all
 sequences concatenated), ``features`` (float16, one row per token except each
 sequence's last, which the target never had to read), ``offsets`` (int64, the
 sequences' token starts, plus the total) and ``prompt_lens`` (int32); and
-``data.json`` with the tapped layer ids and the prompt indices done.
+``data.json`` with the tapped layer ids and the prompt indices done. A token file keeps the
+sequences alone (``write_token_file``); ``featurize`` rebuilds their features.
 """
 
 import json
@@ -176,3 +177,84 @@ def load_data(root) -> List[Example]:
             out.append(Example(tokens, int(plen), d["features"][feat_off : feat_off + n]))
             feat_off += n
     return out
+
+
+# ---------------------------------------------------------------------------
+# Token files: the distilled sequences without features, small enough to keep in a
+# repository; ``featurize`` rebuilds the features from them with batched prefill.
+
+
+def write_token_file(examples: Sequence[Example], path, info: Optional[dict] = None) -> None:
+    """Save the sequences' token ids (uint16 when they fit) and prompt lengths to ``path``."""
+    from safetensors.numpy import save_file
+
+    tokens = np.concatenate([e.tokens for e in examples])
+    dtype = np.uint16 if tokens.max() < 2**16 else np.int32
+    save_file(
+        {
+            "tokens": tokens.astype(dtype),
+            "offsets": np.cumsum([0] + [len(e.tokens) for e in examples]).astype(np.int64),
+            "prompt_lens": np.array([e.prompt_len for e in examples], dtype=np.int32),
+        },
+        str(path),
+        metadata={"info": json.dumps(info or {})},
+    )
+
+
+def read_token_file(path) -> List[Example]:
+    """The sequences of a token file (``features`` left empty)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        d = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise BlockPilotError(f"cannot read token file {path}: {e}") from None
+    if not {"tokens", "offsets", "prompt_lens"} <= set(d):
+        raise BlockPilotError(f"{path} is not a token file (it needs tokens, offsets and prompt_lens)")
+    off = d["offsets"]
+    empty = np.zeros((0, 0), np.float16)
+    return [Example(d["tokens"][off[k] : off[k + 1]].astype(np.int32), int(p), empty) for k, p in enumerate(d["prompt_lens"])]
+
+
+def featurize(
+    model,
+    sequences: Sequence[Example],
+    root,
+    layer_ids: Sequence[int],
+    batch_size: int = 16,
+) -> Iterator[dict]:
+    """Rebuild the features of known sequences into shards in ``root`` (as ``distill`` writes
+    them), one teacher-forced forward pass per batch; resumable like ``distill``.
+
+    Sequences are right-padded: under the causal mask no real position sees a pad, so the
+    features are those the target computed while generating the sequence.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = read_meta(root) or {"target_layer_ids": list(layer_ids), "done": [], "shards": []}
+    if meta["target_layer_ids"] != list(layer_ids):
+        raise BlockPilotError(
+            f"data in {root} was captured at target layers {meta['target_layer_ids']}, not {list(layer_ids)}; "
+            "use another --out or the same --target-layer-ids"
+        )
+    done = set(meta["done"])
+    todo = sorted((i for i in range(len(sequences)) if i not in done), key=lambda i: len(sequences[i].tokens))
+    n_layers = target.num_layers(model)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        seqs = [sequences[i] for i in idx]
+        longest = max(len(s.tokens) for s in seqs) - 1
+        x = np.zeros((len(seqs), longest), np.int32)
+        for r, s in enumerate(seqs):
+            x[r, : len(s.tokens) - 1] = s.tokens[:-1]
+        _, hidden = target.forward(model, mx.array(x), [None] * n_layers, layer_ids)
+        hidden = np.array(hidden.astype(mx.float16))
+        out = [Example(s.tokens, s.prompt_len, hidden[r, : len(s.tokens) - 1]) for r, s in enumerate(seqs)]
+        name = f"shard_{len(meta['shards']):05d}.safetensors"
+        write_shard(root / name, out)
+        meta["shards"].append(name)
+        meta["done"].extend(idx)
+        (root / META).write_text(json.dumps(meta))
+        yield {"prompts": len(idx), "tokens": int(sum(len(s.tokens) for s in seqs)),
+               "answer_tokens": int(sum(s.answer_len for s in seqs))}

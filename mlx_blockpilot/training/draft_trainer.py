@@ -61,8 +61,13 @@ def default_mask_id(tokenizer) -> int:
     return next(i for i in range(len(eos) + 1) if i not in eos)
 
 
-def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: int, mask_id: int) -> DraftConfig:
-    """A drafter shaped like the target's layers (so they can initialise it)."""
+def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: int, mask_id: int,
+                causal: Optional[bool] = None, draft_vocab_size: Optional[int] = None) -> DraftConfig:
+    """A drafter shaped like the target's layers (so they can initialise it).
+
+    ``causal`` makes attention inside a block causal, so a block of any size up to
+    ``block_size`` sees exactly what its prefix saw in training; ``draft_vocab_size``
+    restricts the head to that many target tokens (``select_draft_vocab``)."""
     a = model.args
     heads = a.num_attention_heads
     n_target = target.num_layers(model)
@@ -71,6 +76,10 @@ def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: in
         raise BlockPilotError(f"--target-layer-ids {bad} are outside the target's layers 0..{n_target - 1}")
     if num_layers < 1 or block_size < 2:
         raise BlockPilotError("--layers must be >= 1 and --block-size >= 2")
+    if not 0 <= mask_id < a.vocab_size:
+        raise BlockPilotError(f"--mask-token-id {mask_id} is outside the vocabulary 0..{a.vocab_size - 1}")
+    if draft_vocab_size is not None and not 1 <= draft_vocab_size <= a.vocab_size:
+        raise BlockPilotError(f"--draft-vocab must be in 1..{a.vocab_size}, got {draft_vocab_size}")
     return DraftConfig(
         hidden_size=a.hidden_size,
         num_hidden_layers=num_layers,
@@ -87,7 +96,45 @@ def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: in
         rope_scaling=getattr(a, "rope_scaling", None),
         max_position_embeddings=getattr(a, "max_position_embeddings", None) or 40960,
         block_size=block_size,
+        is_causal=causal,
+        draft_vocab_size=draft_vocab_size,
     )
+
+
+def select_draft_vocab(examples: Sequence[distill.Example], size: int, vocab_size: int,
+                       always: Sequence[int] = ()) -> np.ndarray:
+    """The ``size`` target tokens the drafter may propose, sorted by id: ``always`` (e.g. the
+    end-of-sequence ids), then the most frequent answer tokens of ``examples``, then (when
+    the answers hold fewer) the most frequent prompt tokens, then the lowest ids."""
+    answers, prompts = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, np.int64)
+    for e in examples:
+        np.add.at(answers, e.tokens[e.prompt_len:], 1)
+        np.add.at(prompts, e.tokens[: e.prompt_len], 1)
+    order = np.lexsort((np.arange(vocab_size), -prompts, -answers))  # last key sorts first
+    keep = list(dict.fromkeys([int(i) for i in always] + order.tolist()))[:size]
+    return np.array(sorted(keep), dtype=np.int64)
+
+
+def set_draft_vocab(draft: DFlashDraft, ids: np.ndarray) -> None:
+    """Point ``draft``'s reduced head at the target ids ``ids`` (sorted): ``d2t[i] = ids[i] - i``."""
+    if len(ids) != draft.config.draft_vocab_size:
+        raise BlockPilotError(f"{len(ids)} draft-vocabulary ids for draft_vocab_size {draft.config.draft_vocab_size}")
+    draft.d2t = mx.array(ids - np.arange(len(ids)), dtype=mx.int64)
+
+
+def warm_start(draft: DFlashDraft, path) -> None:
+    """Start ``draft`` from the weights of the drafter in ``path`` (same shape; its
+    vocabulary table, if any, is not taken)."""
+    from ..draft import load_draft
+
+    src = dict(tree_flatten(load_draft(path).parameters()))
+    src.pop("d2t", None)
+    mine = dict(tree_flatten(draft.parameters()))
+    bad = [k for k, v in src.items() if k not in mine or mine[k].shape != v.shape]
+    if bad or set(mine) - set(src) - {"d2t"}:
+        raise BlockPilotError(f"--init-from {path} is a drafter of another shape ({(bad or sorted(set(mine) - set(src)))[:3]}...)")
+    draft.load_weights([(k, v.astype(mx.float32)) for k, v in src.items()], strict=False)
+    mx.eval(draft.parameters())
 
 
 def _half_split(w: mx.array, head_dim: int) -> mx.array:
@@ -185,20 +232,26 @@ def loss_weights(block_size: int, gamma: float) -> np.ndarray:
     return np.exp(-(np.arange(1, block_size) - 1) / gamma).astype(np.float32)
 
 
-def prepare_loss(batch, gamma: float, vocab_size: int, vocab_sample: int, rng: np.random.Generator) -> Dict[str, Any]:
+def prepare_loss(batch, gamma: float, vocab_size: int, vocab_sample: int, rng: np.random.Generator,
+                 to_draft: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Flat loss targets of the valid block positions and the softmax's vocabulary.
 
-    With ``vocab_sample`` > 0 the candidates are the batch's label tokens plus
-    uniformly sampled others (their logits get ``log(rest / sampled)``).
+    With a reduced draft vocabulary, ``to_draft`` maps target ids to draft ids (-1: not in
+    it) and positions whose label the drafter cannot propose leave the loss. Otherwise,
+    with ``vocab_sample`` > 0 the candidates are the batch's label tokens plus uniformly
+    sampled others (their logits get ``log(rest / sampled)``).
     """
     S, nb, B = batch["blocks"].shape
     valid = batch["valid"]
+    if to_draft is not None:
+        valid = valid & (to_draft[batch["labels"]] >= 0)
+        vocab_sample = 0
     flat = np.flatnonzero(np.concatenate([np.zeros((S, nb, 1), bool), valid], axis=-1).reshape(-1))
     labels = batch["labels"][valid]
     w = np.broadcast_to(loss_weights(B, gamma), valid.shape)[valid]
     out = {"positions": mx.array(flat.astype(np.int32)), "weights": mx.array(w)}
     if vocab_sample <= 0 or vocab_sample >= vocab_size:
-        out["labels"] = mx.array(labels)
+        out["labels"] = mx.array(labels if to_draft is None else to_draft[labels].astype(np.int32))
         return out
     pos = np.unique(labels)
     k = max(vocab_sample - len(pos), 1)
@@ -214,13 +267,18 @@ def prepare_loss(batch, gamma: float, vocab_size: int, vocab_sample: int, rng: n
 
 
 def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.array]) -> mx.array:
-    """Weighted cross-entropy over the valid block positions 1..B-1."""
+    """Weighted cross-entropy over the valid block positions 1..B-1.
+
+    ``head`` is the output matrix the labels index (the target's, or its draft-vocabulary
+    rows); None uses the target's head as it is (quantized, say)."""
     h = block_hidden(draft, model, batch)
     h = h.reshape(-1, h.shape[-1])[targets["positions"]]
-    if "candidates" in targets and head is not None:
+    if head is None:
+        logits = target.lm_head(model, h)
+    elif "candidates" in targets:
         logits = h @ head[targets["candidates"]].T + targets["correction"]
     else:
-        logits = target.lm_head(model, h)
+        logits = h @ head.T
     logits = logits.astype(mx.float32)
     ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets["labels"][:, None], axis=-1)[:, 0]
     w = targets["weights"]
@@ -229,6 +287,34 @@ def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.arra
 
 # ---------------------------------------------------------------------------
 # Held-out acceptance, checkpoints, log
+
+
+def teacher_forced_acceptance(draft: DFlashDraft, model, examples: Sequence[distill.Example], block_size: int,
+                              head: Optional[mx.array], scale: np.ndarray, max_anchors: int = 64) -> Dict[str, Any]:
+    """Acceptance estimated on distilled sequences: a block at every answer position (up to
+    ``max_anchors`` per sequence), accepted up to its first wrong token, as a greedy round
+    from there would be. Returns the mean length and each block position's hit rate."""
+    lengths, hits, seen = [], np.zeros(block_size - 1), np.zeros(block_size - 1)
+    ids = draft.draft_ids()
+    ids = np.array(ids) if ids is not None else None
+    for e in examples:
+        cand = np.arange(e.prompt_len, len(e.tokens) - 1)
+        if len(cand) == 0:
+            continue
+        anchors = cand[np.linspace(0, len(cand) - 1, min(len(cand), max_anchors)).astype(int)][None]
+        batch = sample_batch([e], [0], anchors.shape[1], block_size, draft.config.mask_token_id, None, anchors=anchors)
+        batch["features"] *= scale
+        h = block_hidden(draft, model, batch)[0].reshape(anchors.shape[1], block_size, -1)[:, 1:]
+        logits = target.lm_head(model, h) if head is None else h @ head.T
+        guess = np.array(mx.argmax(logits, axis=-1))
+        guess = ids[guess] if ids is not None else guess
+        ok = (guess == batch["labels"][0]) & batch["valid"][0]
+        run = np.cumprod(ok, axis=1)
+        lengths += list(1 + run.sum(1))
+        hits += run.sum(0)
+        seen += np.concatenate([np.ones((len(run), 1)), run[:, :-1]], axis=1).sum(0)
+    return {"mean": float(np.mean(lengths)) if lengths else 0.0,
+            "position_hit_rate": [float(h / s) if s else 0.0 for h, s in zip(hits, seen)]}
 
 
 def acceptance(model, draft, tokenizer, prompts: Sequence[List[int]], block_size: int, max_tokens: int) -> float:
@@ -266,14 +352,19 @@ def unscaled(draft: DFlashDraft, scale: mx.array) -> DFlashDraft:
     return plain
 
 
-def save_checkpoint(out: Path, draft, opt, step: int, scale: mx.array) -> None:
+def save_checkpoint(out: Path, draft, opt, step: int, scale: mx.array, cpu_s: float = 0.0) -> None:
     ck = out / CHECKPOINT
     ck.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(ck / "draft.safetensors"), dict(tree_flatten(draft.parameters())))
     mx.save_safetensors(str(ck / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
     mx.save_safetensors(str(ck / "feature_scale.safetensors"), {"scale": scale})
-    (ck / "state.json").write_text(json.dumps({"step": step}))
+    (ck / "state.json").write_text(json.dumps({"step": step, "train_cpu_s": cpu_s}))
     save_draft(unscaled(draft, scale), out)
+
+
+def checkpoint_state(out: Path) -> Dict[str, Any]:
+    """``{"step", "train_cpu_s"}`` of the checkpoint in ``out`` (for a resumed run)."""
+    return json.loads((Path(out) / CHECKPOINT / "state.json").read_text())
 
 
 def load_checkpoint(out: Path, draft, opt):
@@ -305,18 +396,24 @@ def plot_log(records: Sequence[Dict[str, Any]], path) -> None:
 
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "acceptance" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    vals = [r for r in records if "val_acceptance" in r]
+    fig, (ax, ax3) = plt.subplots(1, 2, figsize=(12, 4))
     if steps:
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="weighted CE (train)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [r["acceptance"] for r in evals], "o-", color="C1", label="held-out acceptance")
-        ax2.set_ylabel("mean acceptance length")
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    ax.set_title("DFlash drafter training")
+    ax.legend(loc="upper right")
+    ax.set_title("training loss")
+    for recs, key, style, label in ((evals, "acceptance", "o-", "held-out prompts, real decoding"),
+                                    (vals, "val_acceptance", "s--", "held-out sequences, teacher-forced")):
+        pts = [(r["train_cpu_h"], r[key]) for r in recs if "train_cpu_h" in r]
+        if pts:
+            ax3.plot(*zip(*pts), style, label=label)
+    ax3.set_xlabel("training CPU hours (all cores of the process)")
+    ax3.set_ylabel("mean acceptance length")
+    ax3.set_title("held-out acceptance against CPU hours")
+    if evals or vals:
+        ax3.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -347,18 +444,25 @@ def train(
     eval_tokens: int = 64,
     progress: bool = True,
     stop_after: Optional[int] = None,
+    val_examples: Sequence[distill.Example] = (),
+    eval_block_size: Optional[int] = None,
+    weight_decay: float = 0.01,
 ) -> List[Dict[str, Any]]:
     """Train ``draft`` in place (``fc`` preconditioned by ``feature_scale`` while
     training, plain again at the end); returns the log records. Step ``s`` draws its batch
     from a generator seeded with ``(seed, s)``, so a resumed run repeats the same batches.
     ``stop_after`` ends this run early at that step (checkpointed; the schedule stays
-    the one for ``steps``), for splitting a run across sessions with ``resume``."""
+    the one for ``steps``), for splitting a run across sessions with ``resume``.
+    Every ``eval_every`` steps the log gets the teacher-forced acceptance on
+    ``val_examples`` and real greedy decoding's on ``eval_prompts`` (at ``eval_block_size``,
+    default the training size), each with the training CPU hours spent so far."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = draft.config
     B = cfg.block_size
+    eval_B = eval_block_size or B
     gamma = gamma if gamma is not None else max(1.0, B / 2 - 1)
     usable = [i for i, e in enumerate(examples) if e.answer_len >= 2]
     if not usable:
@@ -368,11 +472,20 @@ def train(
         [optim.linear_schedule(lr * 0.01, lr, max(warm, 1)), optim.cosine_decay(lr, max(steps - warm, 1), lr * 0.1)],
         [max(warm, 1)],
     )
-    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
     opt.init(draft.trainable_parameters())
-    head = target.head_weight(model)
+    head, to_draft = target.head_weight(model), None
+    if cfg.draft_vocab_size is not None:
+        if head is None:
+            raise BlockPilotError("a reduced draft vocabulary needs a float target head; convert the target to float")
+        ids = np.array(draft.draft_ids())
+        head = head[mx.array(ids)]
+        to_draft = np.full(cfg.vocab_size, -1, np.int64)
+        to_draft[ids] = np.arange(len(ids))
+    cpu_s = 0.0
     if resume:
         start, scale = load_checkpoint(out, draft, opt)
+        cpu_s = checkpoint_state(out).get("train_cpu_s", 0.0)
     else:
         start, scale = 0, feature_scale(examples)
         draft.fc.weight = draft.fc.weight * scale
@@ -387,11 +500,12 @@ def train(
     acc = next((r["acceptance"] for r in reversed(records) if "acceptance" in r), None)
     with log_path.open("a") as log:
         for step in bar:
+            cpu0 = time.process_time()
             rng = np.random.default_rng([seed, step])
             rows = rng.choice(usable, size=batch_size, replace=len(usable) < batch_size)
             batch = sample_batch(examples, rows, blocks_per_seq, B, cfg.mask_token_id, rng)
             batch["features"] *= inv_scale
-            targets = prepare_loss(batch, gamma, cfg.vocab_size, vocab_sample if head is not None else 0, rng)
+            targets = prepare_loss(batch, gamma, cfg.vocab_size, vocab_sample if head is not None else 0, rng, to_draft)
             tic = time.perf_counter()
             loss, grads = loss_and_grad(draft, batch, targets)
             opt.update(draft, grads)
@@ -400,15 +514,20 @@ def train(
             records.append(rec)
             log.write(json.dumps(rec) + "\n")
             loss_value = rec["loss"]
-            if eval_prompts and (step % eval_every == 0 or step == last):
-                acc = acceptance(model, unscaled(draft, scale), tokenizer, eval_prompts, B, eval_tokens)
-                rec = {"step": step, "acceptance": acc, "block_size": B}
+            if (eval_prompts or val_examples) and (step % eval_every == 0 or step == last):
+                rec = {"step": step, "block_size": eval_B, "train_cpu_h": (cpu_s + time.process_time() - cpu0) / 3600}
+                if val_examples:
+                    tf = teacher_forced_acceptance(draft, model, val_examples, eval_B, head, inv_scale)
+                    rec["val_acceptance"], rec["val_position_hit_rate"] = tf["mean"], tf["position_hit_rate"]
+                if eval_prompts:
+                    acc = rec["acceptance"] = acceptance(model, unscaled(draft, scale), tokenizer, eval_prompts, eval_B, eval_tokens)
                 records.append(rec)
                 log.write(json.dumps(rec) + "\n")
             log.flush()
+            cpu_s += time.process_time() - cpu0
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.2f}" if acc is not None else "-")
             if step % checkpoint_every == 0 or step == last:
-                save_checkpoint(out, draft, opt, step, scale)
+                save_checkpoint(out, draft, opt, step, scale, cpu_s)
     draft.fc.weight = draft.fc.weight / scale
     mx.eval(draft.parameters())
     save_draft(draft, out)

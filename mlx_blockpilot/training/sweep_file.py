@@ -23,6 +23,12 @@ FEATURES = ("logits", "hidden")
 META_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "chat", "refine", "vocab_size", "hidden_size",
              "feature_layer", "features")
 META_DEFAULTS = {"top_p": 1.0, "top_k": 0}  # for files written before these were recorded
+# What each kind of record must hold.
+RECORD_KEYS = {
+    "meta": ("features", "vocab_size", "hidden_size"),
+    "prompt": ("id", "features"),
+    "run": ("prompt_id", "block_size", "mean_acceptance", "decode_tokens_per_s"),
+}
 
 
 def check_features(names: Sequence[str]) -> list:
@@ -51,7 +57,10 @@ def read_sweep(path) -> Tuple[Optional[Dict[str, Any]], Dict[str, Dict], Dict[Tu
     if not path.is_file():
         raise BlockPilotError(f"sweep file {path} does not exist")
     meta, prompts, runs = None, {}, {}
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise BlockPilotError(f"{path} is not UTF-8 text; is this a sweep file?") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -62,14 +71,16 @@ def read_sweep(path) -> Tuple[Optional[Dict[str, Any]], Dict[str, Dict], Dict[Tu
                 break  # interrupted while writing
             raise BlockPilotError(f"line {i + 1} of {path} is not valid JSON; is this a sweep file?") from None
         kind = rec.get("kind") if isinstance(rec, dict) else None
+        missing = [k for k in RECORD_KEYS.get(kind, ()) if k not in rec]
+        if kind not in RECORD_KEYS or missing:
+            why = f"lacks {', '.join(missing)}" if missing else "is not a sweep record"
+            raise BlockPilotError(f"line {i + 1} of {path} {why}; is this a sweep file?")
         if kind == "meta":
             meta = rec
         elif kind == "prompt":
             prompts[rec["id"]] = rec
-        elif kind == "run":
-            runs[(rec["prompt_id"], rec["block_size"])] = rec
         else:
-            raise BlockPilotError(f"line {i + 1} of {path} is not a sweep record; is this a sweep file?")
+            runs[(rec["prompt_id"], rec["block_size"])] = rec
     if meta is None and (prompts or runs):
         raise BlockPilotError(f"{path} has no meta line; is this a sweep file?")
     return meta, prompts, runs
