@@ -418,6 +418,13 @@ def _bad_draft(tmp, llama, **kw):
     return ["--draft", tmp / "src" / "draft"]
 
 
+def _draft_config(tmp, llama, config):
+    """A drafter whose config.json is replaced by ``config``."""
+    args = _bad_draft(tmp, llama)
+    (tmp / "src" / "draft" / "config.json").write_text(json.dumps(config))
+    return args
+
+
 def _policy(tmp, llama, vocab=None, malicious=False, name="model.pt"):
     path = tmp / "src" / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -482,6 +489,11 @@ BAD = {
     "drafter target layers": (lambda t, l: _bad_draft(t, l, num_target_layers=8), "with 8 layers"),
     "drafter layer ids": (lambda t, l: _bad_draft(t, l, target_layer_ids=(0, 9)), "target_layer_ids [9]"),
     "drafter mask id": (lambda t, l: _bad_draft(t, l, mask_token_id=5000), "mask_token_id 5000"),
+    "drafter config a list": (lambda t, l: _draft_config(t, l, [1, 2]), "must be a JSON object"),
+    "drafter layer ids a string": (lambda t, l: _draft_config(t, l, {**json.loads(json.dumps(dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=l.cfg["vocab_size"], num_target_layers=4, mask_token_id=5))),
+        "target_layer_ids": "0,2,3"}), "target_layer_ids must be a list of integers"),
     "policy input size": (lambda t, l: _policy(t, l, vocab=256), "policy reads 256 logits"),
     "policy block sizes": (lambda t, l: _policy(t, l) + ["--policy-block-sizes", "0,1,2,3,4"], ">= 1"),
     "policy class count": (lambda t, l: _policy(t, l) + ["--policy-block-sizes", "15,16"], "5 classes"),

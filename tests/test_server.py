@@ -369,3 +369,14 @@ def test_hostile_clients_get_answers_not_resets(server, llama):
     new = "".join(server.log[before:])
     assert "Traceback" not in new, new
     assert server.health()["busy"] is False
+
+
+@pytest.mark.parametrize("argv, match", [(["--port", "99999"], "--port must be in 0..65535"),
+                                         (["--port", "-1"], "--port must be in 0..65535"),
+                                         (["--max-queue", "0"], "--max-queue must be >= 1")])
+def test_bad_server_arguments(llama, capsys, argv, match):
+    from mlx_blockpilot.cli.server import main
+
+    code = main(["--target", str(llama.target_dir), "--draft", str(llama.draft_dir), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1

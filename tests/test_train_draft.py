@@ -159,6 +159,28 @@ def test_loss_decreases_when_overfitting(qwen3, tmp_path):
     assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
 
 
+def test_teacher_forced_acceptance_replays_real_decoding(qwen3, tmp_path):
+    """The validation estimate chains rounds as decoding does, so it equals decoding's acceptance."""
+    from mlx_blockpilot.training.draft_trainer import teacher_forced_acceptance
+
+    data = _distilled(qwen3, tmp_path, n=4, max_new=24)
+    cfg = make_config(qwen3.model, 1, LAYERS, 6, qwen3.mask_id)
+    draft = init_draft(qwen3.model, cfg)
+    train(qwen3.model, qwen3.tokenizer, draft, data, tmp_path / "out", 80, batch_size=4, blocks_per_seq=8,
+          lr=3e-3, warmup=2, vocab_sample=0, progress=False)  # overfits: many drafts are accepted
+    for B in (3, 5):
+        est = teacher_forced_acceptance(draft, qwen3.model, data, B, None, np.float32(1.0))
+        lengths = []
+        for e in data:
+            r = generate(qwen3.model, draft, no_eos(qwen3.tokenizer), e.tokens[: e.prompt_len].tolist(),
+                         block_size=B, max_tokens=e.answer_len)
+            assert r.tokens == e.tokens[e.prompt_len :].tolist()
+            lengths += r.acceptance_lengths
+        assert np.mean(lengths) > 1.3, "the drafter should have learned something"
+        assert est["mean"] == pytest.approx(np.mean(lengths), abs=0.05), B
+        assert len(est["position_hit_rate"]) == B - 1
+
+
 def test_preconditioned_fc_is_folded_exactly(qwen3, tmp_path):
     """Training reads features / scale; the saved drafter reads raw features and computes the same."""
     data = _distilled(qwen3, tmp_path)
