@@ -10,8 +10,12 @@ three in step, and nothing else edits them:
 - ``trim_to``: rewind everything to the first ``length`` tokens (the one rewind helper);
 - ``reuse``: rewind to the longest prefix shared with a new prompt.
 
-Caches that cannot be trimmed (mlx-lm's ``can_trim_prompt_cache`` says which) are
-rebuilt empty instead, so a later prompt is prefilled in full.
+Attention layers' caches are trimmed. Linear-attention layers keep a recurrent state
+that cannot be trimmed: ``commit`` takes a pass back on them by restoring their state
+from before the pass and re-running the kept inputs (``target.rewind_linear``), so
+their state is exactly the state after the committed tokens. Rewinding further back
+than the last pass is impossible for them: ``trim_to`` then rebuilds the caches empty
+and a later prompt is prefilled in full (continuing a conversation needs no rewind).
 """
 
 from dataclasses import dataclass, field
@@ -51,15 +55,22 @@ class PromptCache:
         pending, self.pending = self.pending, None
         return pending
 
-    def commit(self, inputs: List[int], hidden: Optional[mx.array], written: int) -> None:
+    def commit(self, inputs: List[int], hidden: Optional[mx.array], written: int, replay: Optional[List[Any]] = None) -> None:
         """A target pass wrote ``written`` positions; keep the first ``len(inputs)`` of them.
 
-        ``inputs`` are the token ids of the kept positions and ``hidden`` the pass's tapped
-        features ``(1, >= len(inputs), F)``.
+        ``inputs`` are the token ids of the kept positions, ``hidden`` the pass's tapped
+        features ``(1, >= len(inputs), F)`` and ``replay`` what ``target.forward`` recorded
+        to take the pass back on linear-attention layers.
         """
         kept = len(inputs)
         if written > kept:
-            trim_prompt_cache(self.target, written - kept)
+            for c in self.target:
+                if c.is_trimmable():
+                    c.trim(written - kept)
+            if not can_trim_prompt_cache(self.target):
+                if replay is None:
+                    raise ValueError("this target's linear-attention layers need the pass's replay to be rewound")
+                target_model.rewind_linear(self.model, replay, kept)
         self.tokens.extend(inputs)
         if hidden is not None:
             hidden = hidden[:, :kept] if hidden.shape[1] != kept else hidden
@@ -69,14 +80,16 @@ class PromptCache:
         """Rewind to the first ``length`` tokens (fewer if the caches cannot be trimmed); returns the length kept."""
         length = max(0, min(length, len(self.tokens)))
         pending = 0 if self.pending is None else self.pending.shape[1]
-        if self.drafted + pending != len(self.tokens) or not can_trim_prompt_cache(self.target):
+        if self.drafted + pending != len(self.tokens):
+            length = 0
+        if length < len(self.tokens) and not can_trim_prompt_cache(self.target):
             length = 0
         if length == 0:
             self.target = target_model.make_cache(self.model)
             self.draft = self.drafter.make_cache()
             self.tokens, self.pending = [], None
             return 0
-        trim_prompt_cache(self.target, self.target[0].offset - length)
+        trim_prompt_cache(self.target, len(self.tokens) - length)
         drafted = self.drafted
         if drafted > length:
             trim_prompt_cache(self.draft, drafted - length)

@@ -97,8 +97,9 @@ def policy_features(model, draft, logits: mx.array, hidden: mx.array, kind: str)
 def _round(model, draft, cache: PromptCache, last: int, width: int, opts: GenerationOptions, key, timings=None):
     """One round's lazy graph: draft ``width - 1`` tokens, verify them, accept a prefix.
 
-    Returns ``(drafted, accepted, next_token, hidden)``: the drafted tokens, how many of
-    them the target accepts, the target's own next token and the verify pass's features.
+    Returns ``(drafted, accepted, next_token, hidden, replay)``: the drafted tokens, how
+    many of them the target accepts, the target's own next token, the verify pass's
+    features and what the cache needs to take the pass back on linear-attention layers.
     """
     cfg = draft.config
     last_arr = mx.array([[last]])
@@ -125,7 +126,8 @@ def _round(model, draft, cache: PromptCache, last: int, width: int, opts: Genera
     # One target pass over [last, d1 .. d(B-1)]: logits[i] is the target's distribution
     # for the token after verify[i], so logits[:-1] judge d1..d(B-1) and logits[a] gives
     # the token after the accepted prefix of length a.
-    logits, hidden = target.forward(model, verify, cache.target, cfg.target_layer_ids)
+    replay = []
+    logits, hidden = target.forward(model, verify, cache.target, cfg.target_layer_ids, replay)
     if opts.greedy:  # keep d_i while it equals the target's argmax
         accepted, nxt = accept_greedy(drafted, logits[0])
     else:  # keep d_i with prob min(1, p/q); resample the first rejection from max(p - q, 0)
@@ -133,7 +135,7 @@ def _round(model, draft, cache: PromptCache, last: int, width: int, opts: Genera
     if timings is not None:
         mx.eval(accepted, nxt, hidden)
         timings["verify"] = time.perf_counter() - tic
-    return drafted, accepted, nxt, hidden
+    return drafted, accepted, nxt, hidden, replay
 
 
 def generate_step(
@@ -192,7 +194,7 @@ def generate_step(
             w = min(schedule.width, room)
             key, round_key = mx.random.split(key)
             timings = {} if timed else None
-            drafted, accepted, nxt, hidden = _round(model, draft, cache, last, w, options, round_key, timings)
+            drafted, accepted, nxt, hidden, replay = _round(model, draft, cache, last, w, options, round_key, timings)
             tic = time.perf_counter()
             out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
             values = out.tolist()  # the round's one host sync
@@ -202,7 +204,7 @@ def generate_step(
             if stop_at is not None:
                 new = new[: stop_at + 1]
             # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
-            cache.commit([last] + new[:-1], hidden, w)
+            cache.commit([last] + new[:-1], hidden, w, replay)
             schedule.update(len(new), w)
             n += len(new)
             last = new[-1]

@@ -24,6 +24,10 @@ from . import target
 from .errors import BlockPilotError
 
 
+# DFlash 2 drafter fields (a convolution and a candidate selector) that this drafter lacks.
+DFLASH2_FIELDS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -51,6 +55,11 @@ class DraftConfig:
     # A reduced draft vocabulary: the head covers draft_vocab_size target tokens, those of
     # the weight ``d2t`` (draft id i is target id i + d2t[i]), as EAGLE-3 checkpoints store it.
     draft_vocab_size: Optional[int] = None
+    # Block embeddings are multiplied by input_embedding_scale; logits by output_multiplier,
+    # then soft-capped: cap * tanh(logits / cap) (Gemma-style targets' drafters).
+    input_embedding_scale: float = 1.0
+    output_multiplier: float = 1.0
+    final_logit_softcapping: Optional[float] = None
 
     def __post_init__(self):
         def fail(name, want):
@@ -64,9 +73,12 @@ class DraftConfig:
             fail("mask_token_id", "an integer")
         if not isinstance(self.target_layer_ids, (list, tuple)) or not all(_is_int(i) for i in self.target_layer_ids):
             fail("target_layer_ids", "a list of integers")
-        for name in ("rms_norm_eps", "rope_theta"):
+        for name in ("rms_norm_eps", "rope_theta", "input_embedding_scale", "output_multiplier"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 fail(name, "a number")
+        cap = self.final_logit_softcapping
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 0):
+            fail("final_logit_softcapping", "a number >= 0 or null")
         if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
             fail("sliding_window", "a positive integer or null")
         if self.is_causal is not None and not isinstance(self.is_causal, bool):
@@ -114,10 +126,20 @@ class DraftConfig:
         merged = dict(cfg)
         merged["rope_theta"] = cfg.get("rope_theta") or (rope or {}).get("rope_theta", 1e6)
         merged["rope_scaling"] = rope
+        unsupported = [k for k in DFLASH2_FIELDS if dflash.get(k, cfg.get(k))]
+        if "DFlash2DraftModel" in (cfg.get("architectures") or []) or unsupported:
+            raise BlockPilotError(
+                f"this is a DFlash 2 drafter ({', '.join(unsupported) or 'DFlash2DraftModel'}); "
+                "only DFlash (v1) drafters are supported"
+            )
         merged["block_size"] = dflash.get("block_size", cfg.get("block_size", 16))
-        for key in ("target_layer_ids", "mask_token_id"):
+        for key in ("target_layer_ids", "mask_token_id", "final_logit_softcapping", "input_embedding_scale",
+                    "output_multiplier"):
             if key in dflash:
                 merged[key] = dflash[key]
+        for key in ("input_embedding_scale", "output_multiplier"):
+            if merged.get(key) is None:
+                merged.pop(key, None)
         if "target_layer_ids" not in merged and "aux_hidden_state_layer_ids" in cfg:
             aux = cfg["aux_hidden_state_layer_ids"]
             if not isinstance(aux, list) or not all(_is_int(i) for i in aux):
@@ -143,6 +165,10 @@ class DraftConfig:
             "mask_token_id": self.mask_token_id,
             "block_size": self.block_size,
         }
+        for key in ("input_embedding_scale", "output_multiplier", "final_logit_softcapping"):
+            value = out.pop(key)
+            if value not in (None, 1.0):
+                out["dflash_config"][key] = value
         return out
 
 
@@ -291,10 +317,25 @@ class DFlashDraft(nn.Module):
         return (mx.arange(self.config.draft_vocab_size) + self.d2t).astype(mx.int32)
 
     def head(self, model: nn.Module, h: mx.array) -> mx.array:
-        """Logits over the drafter's vocabulary: the target's head, restricted to ``draft_ids``."""
+        """Logits over the drafter's vocabulary: the target's head (restricted to ``draft_ids``),
+        then ``output_multiplier`` and ``final_logit_softcapping``."""
         if self.config.draft_vocab_size is None:
-            return target.lm_head(model, h)
-        return self.reduced_head(model, self.draft_ids(), h)
+            return self.finish_logits(target.lm_head(model, h))
+        return self.finish_logits(self.reduced_head(model, self.draft_ids(), h))
+
+    def embed(self, model: nn.Module, tokens: mx.array) -> mx.array:
+        """Block embeddings: the target's, times ``input_embedding_scale``."""
+        h = target.embed(model, tokens)
+        return h * self.config.input_embedding_scale if self.config.input_embedding_scale != 1.0 else h
+
+    def finish_logits(self, logits: mx.array) -> mx.array:
+        """``output_multiplier``, then ``final_logit_softcapping``, as the config defines them."""
+        cfg = self.config
+        if cfg.output_multiplier != 1.0:
+            logits = logits * cfg.output_multiplier
+        if cfg.final_logit_softcapping:
+            logits = mx.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return logits
 
     def __call__(self, block_embeddings: mx.array, context_hidden: mx.array, cache=None, anchors=None) -> mx.array:
         """Normalised hidden states of the block positions.
@@ -322,7 +363,7 @@ class DFlashDraft(nn.Module):
     def propose(self, model: nn.Module, block: mx.array, context_hidden: mx.array, cache) -> mx.array:
         """Draft logits ``(B - 1, V)`` for block positions 1.. with the target's embedding and head
         (``-inf`` outside a reduced draft vocabulary: the drafter never proposes those tokens)."""
-        h = self(target.embed(model, block), context_hidden, cache)
+        h = self(self.embed(model, block), context_hidden, cache)
         logits = self.head(model, h[0, 1:])
         if self.config.draft_vocab_size is None:
             return logits

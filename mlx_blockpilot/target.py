@@ -5,26 +5,106 @@ mlx-lm's classes, we run the decoder stack of the (unchanged) model instance her
 layer by layer, and keep the tapped outputs of the same forward pass.
 """
 
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import BlockPilotError
 
-# Model types whose decoder stack is embed -> layers(h, mask, cache) -> norm -> head.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FULL, SLIDING, LINEAR = "full", "sliding", "linear"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family of mlx-lm models lays out its decoder stack (read off the model itself).
+
+    ``text`` finds the text model (the module with ``args``, ``model`` and ``lm_head``) in
+    what ``mlx_lm.load`` returns; ``kinds`` names each layer's attention: ``full``,
+    ``sliding`` (a window of ``window`` keys) or ``linear`` (a recurrent state that cannot
+    be trimmed; ``replay`` re-runs such a layer on the inputs a rewind keeps).
+    ``embed_scale`` multiplies the embeddings as the family's forward does.
+    """
+
+    kinds: Callable[[nn.Module], List[str]]
+    window: Callable[[nn.Module], Optional[int]] = lambda inner: None
+    text: Callable[[nn.Module], nn.Module] = lambda model: model
+    embed_scale: Optional[Callable[[nn.Module], mx.array]] = None
+    replay: Optional[Callable[[nn.Module, mx.array, Any], None]] = None
+
+
+def _flagged(attr: str, kind: str):
+    """Layers whose ``attr`` is true are ``kind``, the others ``full``."""
+    return lambda inner: [kind if getattr(layer, attr, False) else FULL for layer in inner.layers]
+
+
+def _gated_delta_replay(layer, x, cache) -> None:
+    layer.linear_attn(layer.input_layernorm(x), None, cache)
+
+
+_DENSE = Family(kinds=_flagged("use_sliding", SLIDING), window=lambda inner: getattr(inner, "sliding_window", None))
+_HYBRID = dict(kinds=_flagged("is_linear", LINEAR), replay=_gated_delta_replay)
+# The one list of supported target families, by mlx-lm model type.
+FAMILIES: Dict[str, Family] = {
+    "llama": _DENSE,
+    "mistral": _DENSE,
+    "qwen2": _DENSE,
+    "qwen3": _DENSE,
+    "qwen3_moe": _DENSE,
+    "qwen3_next": Family(**_HYBRID),
+    "qwen3_5": Family(text=lambda model: model.language_model, **_HYBRID),
+    "qwen3_5_moe": Family(text=lambda model: model.language_model, **_HYBRID),
+    "gpt_oss": Family(
+        kinds=lambda inner: [SLIDING if t == "sliding_attention" else FULL for t in inner.layer_types],
+        window=lambda inner: inner.window_size,
+    ),
+    "gemma3_text": Family(
+        kinds=lambda inner: [FULL if i % inner.sliding_window_pattern == inner.sliding_window_pattern - 1 else SLIDING
+                             for i in range(len(inner.layers))],
+        window=lambda inner: inner.window_size,
+        embed_scale=lambda inner: mx.array(inner.args.hidden_size**0.5, mx.bfloat16),
+    ),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
+
+
+def family(model: nn.Module) -> Family:
+    """The model's family; a clear error naming the supported ones when it has none."""
+    kind = model_type(model)
+    if kind not in FAMILIES:
+        raise BlockPilotError(
+            f"target model type {kind!r} is not supported; use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return FAMILIES[kind]
+
+
+def _text(model: nn.Module) -> nn.Module:
+    return family(model).text(model)
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    return model.model
+    return _text(model).model
+
+
+def _args(model: nn.Module):
+    return _text(model).args
 
 
 def layers(model: nn.Module) -> List[nn.Module]:
     """The decoder layers, in order."""
     return list(_inner(model).layers)
+
+
+def layer_kinds(model: nn.Module) -> List[str]:
+    """Each decoder layer's attention: ``full``, ``sliding`` or ``linear``."""
+    return family(model).kinds(_inner(model))
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -34,14 +114,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 def check_supported(model: nn.Module) -> None:
     """Raise a clear error for targets whose forward pass we cannot tap."""
-    model_type = getattr(model, "model_type", None) or getattr(
-        getattr(model, "args", None), "model_type", None
-    )
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise BlockPilotError(
-            f"target model type {model_type!r} is not supported; "
-            f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family(model)
 
 
 def num_layers(model: nn.Module) -> int:
@@ -49,15 +122,15 @@ def num_layers(model: nn.Module) -> int:
 
 
 def hidden_size(model: nn.Module) -> int:
-    return model.args.hidden_size
+    return _args(model).hidden_size
 
 
 def vocab_size(model: nn.Module) -> int:
-    return model.args.vocab_size
+    return _args(model).vocab_size
 
 
 def max_context(model: nn.Module) -> Optional[int]:
-    return getattr(model.args, "max_position_embeddings", None)
+    return getattr(_args(model), "max_position_embeddings", None)
 
 
 def embed(model: nn.Module, tokens: mx.array) -> mx.array:
@@ -67,9 +140,10 @@ def embed(model: nn.Module, tokens: mx.array) -> mx.array:
 
 def _head(model: nn.Module) -> nn.Module:
     """The module holding the output matrix: ``lm_head``, or the embedding when tied."""
-    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+    text = _text(model)
+    if getattr(text.args, "tie_word_embeddings", False) or "lm_head" not in text:
         return _inner(model).embed_tokens
-    return model.lm_head
+    return text.lm_head
 
 
 def lm_head(model: nn.Module, h: mx.array) -> mx.array:
@@ -123,26 +197,52 @@ def forward(
     tokens: mx.array,
     cache: List[Any],
     tap_layer_ids: Sequence[int] = (),
+    replay: Optional[List[Any]] = None,
 ) -> Tuple[mx.array, Optional[mx.array]]:
-    """One target forward pass over ``tokens`` (shape ``(1, L)``) with ``cache``.
+    """One target forward pass over ``tokens`` (shape ``(B, L)``) with ``cache``.
 
-    Returns the logits ``(1, L, V)`` and the outputs of ``tap_layer_ids``
-    concatenated on the feature axis ``(1, L, len(ids) * hidden)`` (``None`` when
-    no layer is tapped). Numerically this is ``model(tokens, cache)``.
+    Returns the logits ``(B, L, V)`` and the outputs of ``tap_layer_ids``
+    concatenated on the feature axis ``(B, L, len(ids) * hidden)`` (``None`` when
+    no layer is tapped). Numerically this is ``model(tokens, cache)``. Given a list,
+    ``replay`` receives what ``rewind_linear`` needs to take this pass back on layers
+    whose state cannot be trimmed.
     """
+    fam = family(model)
     inner = _inner(model)
     h = inner.embed_tokens(tokens)
-    window = getattr(inner, "sliding_window", None)
+    if fam.embed_scale is not None:
+        h = h * fam.embed_scale(inner).astype(h.dtype)
+    kinds = fam.kinds(inner)
+    window = fam.window(inner)
     masks = {}
     taps = {}
     wanted = set(tap_layer_ids)
-    for i, (layer, c) in enumerate(zip(inner.layers, cache)):
-        w = window if getattr(layer, "use_sliding", False) else None
-        if w not in masks:
-            masks[w] = create_attention_mask(h, c, window_size=w)
-        h = layer(h, masks[w], c)
+    for i, (layer, c, kind) in enumerate(zip(inner.layers, cache, kinds)):
+        if kind not in masks:
+            if kind == LINEAR:
+                masks[kind] = create_ssm_mask(h, c)
+            else:
+                masks[kind] = create_attention_mask(h, c, window_size=window if kind == SLIDING else None)
+        if kind == LINEAR and replay is not None:
+            replay.append((layer, c, list(c.cache), h))
+        h = layer(h, masks[kind], c)
         if i in wanted:
             taps[i] = h
     logits = lm_head(model, inner.norm(h))
     hidden = mx.concatenate([taps[i] for i in tap_layer_ids], axis=-1) if taps else None
     return logits, hidden
+
+
+def rewind_linear(model: nn.Module, replay: List[Any], kept: int) -> None:
+    """Take back a pass on the layers whose recurrent state cannot be trimmed: each goes back
+    to its state before the pass (``replay`` from ``forward``) and runs again over the first
+    ``kept`` positions of its input, so its state is exactly that after the kept tokens.
+
+    Only the state is kept (lazily: the layer's output is never evaluated), so this costs
+    the state's own computation for ``kept`` positions of these layers, no other layer.
+    """
+    run = family(model).replay
+    for layer, cache, before, x in replay:
+        cache.cache = list(before)
+        if kept:
+            run(layer, x[:, :kept], cache)

@@ -31,7 +31,7 @@ def test_commit_trim_and_reuse_keep_the_caches_in_step(tiny):
     assert r2.tokens == reference(tiny.model, prompt, max_tokens=12) and r2.reused_tokens == 9
 
 
-def test_a_cache_that_cannot_be_trimmed_starts_over(qwen3):
+def test_a_cache_that_cannot_be_trimmed_is_kept_or_starts_over(qwen3):
     cache = make_cache(qwen3.model, qwen3.draft)
     cache.target = [RotatingKVCache(max_size=8) for _ in cache.target]
     k = mx.zeros((1, qwen3.cfg["num_key_value_heads"], 12, qwen3.cfg["head_dim"]))
@@ -40,6 +40,9 @@ def test_a_cache_that_cannot_be_trimmed_starts_over(qwen3):
     cache.tokens = list(range(12))
     cache.pending = mx.zeros((1, 12, 4))
     assert not cache.target[0].is_trimmable()
-    assert cache.reuse(list(range(12)) + [3]) == 0
+    # continuing the conversation needs no rewind: everything is kept
+    assert cache.reuse(list(range(12)) + [3]) == 12 and len(cache.tokens) == 12
+    # a prompt that diverges earlier would need one: the caches start over
+    assert cache.reuse(list(range(5)) + [99, 98]) == 0
     assert cache.tokens == [] and cache.pending is None and cache.drafted == 0
     assert all(c.offset == 0 for c in cache.target)

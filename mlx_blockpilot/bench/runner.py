@@ -151,9 +151,10 @@ def measure_costs(model, draft, prompt: List[int], widths: Sequence[int], reps: 
         toks = mx.array([(prompt * w)[:w]])
 
         def verify():
-            lg, h = target.forward(model, toks, cache.target, ids)
+            replay = []
+            lg, h = target.forward(model, toks, cache.target, ids, replay)
             mx.eval(lg, h)
-            cache.commit([], None, w)  # nothing kept: the cache is back at the prompt
+            cache.commit([], None, w, replay)  # nothing kept: the cache is back at the prompt
 
         cost = {"verify_s": _median_time(verify, reps), "draft_s": 0.0}
         if w > 1:

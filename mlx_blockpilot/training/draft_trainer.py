@@ -224,7 +224,7 @@ def sample_batch(
 def block_hidden(draft: DFlashDraft, model, batch: Dict[str, np.ndarray]) -> mx.array:
     """Normalised drafter hidden states of every block position ``(S, nb*B, H)``."""
     S, nb, B = batch["blocks"].shape
-    blocks = target.embed(model, mx.array(batch["blocks"].reshape(S, nb * B)))
+    blocks = draft.embed(model, mx.array(batch["blocks"].reshape(S, nb * B)))
     return draft(blocks, mx.array(batch["features"]), anchors=batch["anchors"])
 
 
@@ -274,11 +274,11 @@ def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.arra
     h = block_hidden(draft, model, batch)
     h = h.reshape(-1, h.shape[-1])[targets["positions"]]
     if head is None:
-        logits = target.lm_head(model, h)
+        logits = draft.head(model, h)
     elif "candidates" in targets:
-        logits = h @ head[targets["candidates"]].T + targets["correction"]
+        logits = draft.finish_logits(h @ head[targets["candidates"]].T + targets["correction"])
     else:
-        logits = h @ head.T
+        logits = draft.finish_logits(h @ head.T)
     logits = logits.astype(mx.float32)
     ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets["labels"][:, None], axis=-1)[:, 0]
     w = targets["weights"]
@@ -311,7 +311,7 @@ def teacher_forced_acceptance(draft: DFlashDraft, model, examples: Sequence[dist
         batch = sample_batch([e], [0], anchors.shape[1], block_size, draft.config.mask_token_id, None, anchors=anchors)
         batch["features"] *= scale
         h = block_hidden(draft, model, batch)[0].reshape(anchors.shape[1], block_size, -1)[:, 1:]
-        logits = target.lm_head(model, h) if head is None else h @ head.T
+        logits = draft.head(model, h) if head is None else draft.finish_logits(h @ head.T)
         guess = np.array(mx.argmax(logits, axis=-1))
         guess = ids[guess] if ids is not None else guess
         run = np.cumprod((guess == batch["labels"][0]) & batch["valid"][0], axis=1)
