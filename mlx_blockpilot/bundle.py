@@ -88,6 +88,7 @@ class Bundle:
     draft: Any
     policy: Any = None
     path: Optional[Path] = None
+    costs: Any = None  # this machine's round costs (costs.calibrate), once measured
 
     @property
     def default_block_size(self):

@@ -148,14 +148,16 @@ def generate_step(
     policy=None,
     prompt_cache: Optional[PromptCache] = None,
     timed: bool = False,
+    costs=None,
 ) -> Generator[Step, None, None]:
     """Generate from the token ids ``prompt``, yielding a ``Step`` per round.
 
     ``options.block_size`` must be resolved (an int, or ``"auto"`` with a ``policy``).
     Greedy output equals the target's own greedy decoding; with ``temperature > 0`` the
     output is distributed as the target's (speculative sampling). ``timed`` adds a sync
-    after each pass to time it (profiling; slower). Closing the generator between steps
-    leaves the cache holding exactly the committed tokens.
+    after each pass to time it (profiling; slower). With ``options.refine`` and measured
+    ``costs`` (``costs.calibrate``) each round's width maximises expected tokens per second.
+    Closing the generator between steps leaves the cache holding exactly the committed tokens.
     """
     check_prompt_length(len(prompt), None)
     cache = prompt_cache if prompt_cache is not None else make_cache(model, draft)
@@ -177,7 +179,7 @@ def generate_step(
             options.block_size, policy, lambda kind: policy_features(model, draft, pre.logits, pre.hidden, kind)
         )
         policy_s = time.perf_counter() - tic
-        schedule = make_schedule(width, options.block_size, policy, options.refine)
+        schedule = make_schedule(width, options.block_size, policy, options.refine, costs, context=len(cache.tokens))
         n = 1
         finish = "stop" if last in eos else "length" if max_tokens == 1 else None
         yield Step([last], 0, finish, pre, width, policy_s)
@@ -205,7 +207,7 @@ def generate_step(
                 new = new[: stop_at + 1]
             # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
             cache.commit([last] + new[:-1], hidden, w, replay)
-            schedule.update(len(new), w)
+            schedule.update(len(new), w, len(cache.tokens))
             n += len(new)
             last = new[-1]
             finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None
@@ -247,6 +249,7 @@ def stream_generate(
     *,
     policy=None,
     prompt_cache: Optional[PromptCache] = None,
+    costs=None,
     **options,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` (text or token ids), yielding a ``GenerationResponse`` per round.
@@ -254,7 +257,8 @@ def stream_generate(
     ``options`` are ``GenerationOptions`` fields (``max_tokens``, ``temperature``,
     ``top_p``, ``top_k``, ``seed``, ``block_size`` (an int or ``"auto"``; default: the
     drafter's training size, or ``"auto"`` with a ``policy``), ``refine``,
-    ``prefill_step_size``). ``block_size`` in the responses is the generation's pick.
+    ``prefill_step_size``). ``block_size`` in the responses is the generation's pick;
+    ``costs`` (``costs.Costs``) make ``refine`` maximise expected tokens per second.
     """
     opts = GenerationOptions.from_kwargs(**options).resolve(draft.config.block_size, policy)
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -271,7 +275,7 @@ def stream_generate(
     n = 0
     tic = time.perf_counter()
     first = None
-    for step in generate_step(model, draft, prompt, opts, eos=eos, policy=policy, prompt_cache=prompt_cache):
+    for step in generate_step(model, draft, prompt, opts, eos=eos, policy=policy, prompt_cache=prompt_cache, costs=costs):
         if step.prefill is not None:
             first = step
             tic = time.perf_counter()

@@ -2,8 +2,11 @@
 
 ``choose_block_size`` is the one place a generation's block size is decided (a fixed
 size, or the policy's pick from the prefill). A schedule then gives each round's
-width: ``Fixed`` keeps the pick, ``Refine`` moves it round by round. Any width gives
-the same output (each round is verified on its own), so schedules change speed only.
+width: ``Fixed`` keeps the pick, ``Refine`` moves it by the last round's outcome, and
+``CostAware`` picks the width with the most expected tokens per second from acceptance
+estimated online and this machine's measured round costs (``costs.calibrate``), plain decoding
+(width 1) included. Any width gives the same output (each round is verified on its
+own), so schedules change speed only.
 """
 
 from typing import Callable, Tuple
@@ -47,8 +50,8 @@ class Fixed:
     def __init__(self, width: int):
         self.width = width
 
-    def update(self, committed: int, width: int) -> None:
-        """A round of ``width`` committed ``committed`` tokens."""
+    def update(self, committed: int, width: int, context: int = 0) -> None:
+        """A round of ``width`` committed ``committed`` tokens; ``context`` tokens are now cached."""
 
 
 class Refine(Fixed):
@@ -58,12 +61,58 @@ class Refine(Fixed):
         super().__init__(width)
         self.lo, self.hi = lo, hi
 
-    def update(self, committed: int, width: int) -> None:
+    def update(self, committed: int, width: int, context: int = 0) -> None:
         self.width = refine_width(self.width, committed, width, self.lo, self.hi)
 
 
-def make_schedule(width: int, block_size: BlockSize, policy, refine: bool) -> Fixed:
-    """The schedule of a generation whose block size was picked as ``width``."""
+class CostAware(Fixed):
+    """Each round's width maximises expected committed tokens per second of round.
+
+    Acceptance is estimated online per block position: ``rate[k]`` is how often the
+    k-th draft was accepted when the ones before it were (a moving average with a
+    prior, so few rounds already steer). With ``costs.round_s`` from calibration, a
+    width ``w`` is worth ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens
+    per second; width 1 is plain decoding. Plain rounds teach nothing about drafting,
+    so after ``probe_every`` of them one round drafts again at the best drafting width.
+    """
+
+    def __init__(self, width: int, costs, max_width: int, context: int, prior: float = 0.5,
+                 prior_rounds: float = 2.0, memory: float = 0.9, probe_every: int = 8):
+        super().__init__(width)
+        self.costs, self.max_width, self.context = costs, max(2, max_width), context
+        n = self.max_width - 1
+        self.hits, self.seen = [prior * prior_rounds] * n, [prior_rounds] * n
+        self.memory, self.probe_every, self.plain = memory, probe_every, 0
+
+    def rates(self) -> list:
+        return [h / s for h, s in zip(self.hits, self.seen)]
+
+    def tokens_per_s(self, width: int) -> float:
+        expected, run = 1.0, 1.0
+        for r in self.rates()[: width - 1]:
+            run *= r
+            expected += run
+        return expected / self.costs.round_s(width, self.context)
+
+    def update(self, committed: int, width: int, context: int = 0) -> None:
+        self.context = context or self.context
+        accepted = committed - 1  # drafts kept (a round cut short by EOS or max_tokens undercounts: harmless)
+        for k in range(min(accepted + 1, width - 1)):  # positions seen: the accepted ones and the first miss
+            self.hits[k] = self.memory * self.hits[k] + (k < accepted)
+            self.seen[k] = self.memory * self.seen[k] + 1
+        best = max(range(1, self.max_width + 1), key=self.tokens_per_s)
+        self.plain = self.plain + 1 if best == 1 else 0
+        if self.plain > self.probe_every:
+            best, self.plain = max(range(2, self.max_width + 1), key=self.tokens_per_s), 0
+        self.width = best
+
+
+def make_schedule(width: int, block_size: BlockSize, policy, refine: bool, costs=None, max_width: int = 8,
+                  context: int = 0) -> Fixed:
+    """The schedule of a generation whose block size was picked as ``width``: ``CostAware``
+    when ``refine`` and calibrated ``costs`` are given, else ``Refine`` or ``Fixed``."""
+    if refine and costs is not None:
+        return CostAware(width, costs, max(max_width, width), context)
     if refine:
         return Refine(width, *refine_window(width, block_size, policy))
     return Fixed(width)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from ..conversation import Chat, Turn
 from ..errors import BlockPilotError
 from ..prompts import check_text
-from .common import add_model_args, add_sampling_args, check_auto, fail, load_from_args, option_kwargs, options_from_args, parser
+from .common import add_model_args, add_sampling_args, calibrate_if_needed, check_auto, fail, load_from_args, option_kwargs, options_from_args, parser
 from .generate import stats_line
 
 HELP = """commands:
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
         options = options_from_args(args)  # bad values fail before loading
         bundle = load_from_args(args)
         check_auto(options, bundle)
+        calibrate_if_needed(bundle, options)
         chat = Chat(bundle, args.system, option_kwargs(options))
     except BlockPilotError as e:
         return fail(e)

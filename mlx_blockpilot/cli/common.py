@@ -205,6 +205,15 @@ def load_from_args(args):
     return load(target=args.target, draft=args.draft, policy=args.policy)
 
 
+def calibrate_if_needed(bundle, options: GenerationOptions) -> None:
+    """Measure this machine's round costs now, with progress lines, if the options need them
+    and no calibration is cached (``refine`` picks widths by expected tokens per second)."""
+    if options.refine and bundle.costs is None:
+        from ..costs import calibrate
+
+        bundle.costs = calibrate(bundle, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
 def check_auto(options: GenerationOptions, bundle) -> None:
     """Raise now if the options ask for ``auto`` and the bundle has no policy."""
     options.resolve(bundle.draft.config.block_size, bundle.policy)

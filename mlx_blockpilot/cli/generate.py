@@ -6,7 +6,7 @@ import sys
 from ..api import generate, stream_generate
 from ..errors import BlockPilotError
 from ..prompts import check_text, encode_prompt
-from .common import add_model_args, add_sampling_args, check_auto, load_from_args, option_kwargs, options_from_args, parser, run
+from .common import add_model_args, add_sampling_args, calibrate_if_needed, check_auto, load_from_args, option_kwargs, options_from_args, parser, run
 
 
 def build_parser():
@@ -50,6 +50,7 @@ def _generate(args) -> int:
     options = options_from_args(args)
     bundle = load_from_args(args)
     check_auto(options, bundle)
+    calibrate_if_needed(bundle, options)
     prompt = encode_prompt(bundle.tokenizer, args.prompt, chat=not args.no_chat_template)
     if args.json:
         r = generate(bundle, prompt, **option_kwargs(options))

@@ -43,6 +43,8 @@ def build_parser():
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--target", help="check the policy fits this target directory before training")
     p.add_argument("--force", action="store_true", help="write into an --out that exists and is not empty")
+    p.add_argument("--costs", help="a calibration.json (python -m mlx_blockpilot.calibrate): the throughput "
+                                   "objective predicts tokens/s from acceptance and these round costs")
     return p
 
 
@@ -50,7 +52,12 @@ def _train_policy(args) -> int:
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise BlockPilotError(f"--out {out} exists and is not empty (a bundle?); pass --force to write into it")
-    data = read_data(args.sweep, args.input, args.block_sizes)
+    costs = None
+    if args.costs:
+        from ..costs import read_costs
+
+        costs = read_costs(args.costs)
+    data = read_data(args.sweep, args.input, args.block_sizes, costs)
     config = PolicyConfig(args.input, data.features.shape[1], args.hidden_size, args.num_layers, data.block_sizes)
     if args.target:
         check_target(data, args.input, args.target)

@@ -48,8 +48,13 @@ class SweepData:
         return values.argmax(1)  # ties go to the smaller (cheaper) size
 
 
-def read_data(path, input_kind: str = "logits", block_sizes: Optional[Sequence[int]] = None) -> SweepData:
-    """Everything a policy trains on, checked for completeness."""
+def read_data(path, input_kind: str = "logits", block_sizes: Optional[Sequence[int]] = None, costs=None) -> SweepData:
+    """Everything a policy trains on, checked for completeness.
+
+    With ``costs`` (``costs.Costs`` of this machine) the throughput of a (prompt, size)
+    is predicted as mean acceptance / the calibrated round cost at that size and the
+    prompt's context (half-way through the answer) instead of the sweep's timed tokens/s,
+    which carry the machine's noise of the moment."""
     meta, prompts, runs = read_sweep(path)
     if meta is None or not prompts:
         raise BlockPilotError(f"sweep file {path} has no prompts; run python -m mlx_blockpilot.sweep first")
@@ -74,6 +79,12 @@ def read_data(path, input_kind: str = "logits", block_sizes: Optional[Sequence[i
             f"sweep file {path} is missing block size(s) {bad} for {len({p for p, _ in missing})} of "
             f"{len(prompts)} prompts; finish the sweep (run it again to resume) or pick sizes with --block-sizes"
         )
+    def throughput(run, prompt, b):
+        if costs is None:
+            return run["decode_tokens_per_s"]
+        context = prompt.get("prompt_tokens", 0) + meta.get("max_tokens", 0) // 2
+        return run["mean_acceptance"] / costs.round_s(b, context)
+
     want = meta["vocab_size"] if input_kind == "logits" else meta["hidden_size"]
     ids = list(prompts)
     rows = []
@@ -90,7 +101,7 @@ def read_data(path, input_kind: str = "logits", block_sizes: Optional[Sequence[i
         block_sizes=sizes,
         features=np.stack(rows).astype(np.float32),
         acceptance=np.array([[runs[(p, b)]["mean_acceptance"] for b in sizes] for p in ids], np.float64),
-        throughput=np.array([[runs[(p, b)]["decode_tokens_per_s"] for b in sizes] for p in ids], np.float64),
+        throughput=np.array([[throughput(runs[(p, b)], prompts[p], b) for b in sizes] for p in ids], np.float64),
         meta=meta,
     )
 

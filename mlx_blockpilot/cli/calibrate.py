@@ -1,0 +1,39 @@
+"""``python -m mlx_blockpilot.calibrate``: measure what a round costs on this machine for a bundle."""
+
+import json
+import sys
+
+from ..costs import cache_path, calibrate
+from .common import add_model_args, load_from_args, parser, run
+
+
+def build_parser():
+    p = parser("calibrate", __doc__.split(": ", 1)[1])
+    add_model_args(p)
+    p.add_argument("--force", action="store_true", help="measure again even when a calibration is cached")
+    p.add_argument("--json", action="store_true", help="print the measured costs as JSON")
+    return p
+
+
+def table(costs) -> str:
+    lines = ["| context | " + " | ".join(f"B={w}" for w in costs.widths) + " |",
+             "|---:|" + "---:|" * len(costs.widths)]
+    for length in costs.contexts:
+        lines.append(f"| {length} | " + " | ".join(f"{costs.round_s(w, length) * 1e3:.1f}" for w in costs.widths) + " |")
+    return "\n".join(lines)
+
+
+def _calibrate(args) -> int:
+    bundle = load_from_args(args)
+    costs = calibrate(bundle, force=args.force, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(costs.to_dict()))
+    else:
+        print("round cost in ms (verify + draft) by context length and block size B (B=1: plain decoding)")
+        print(table(costs))
+    print(f"calibration: {cache_path(bundle)} (measured in {costs.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser, _calibrate, argv)

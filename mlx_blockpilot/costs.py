@@ -1,0 +1,228 @@
+"""What a round costs on this machine: the target's verify pass and the drafter's pass,
+measured by block width and context length, cached beside the bundle.
+
+The per-round controller (``schedule.CostAware``) and the policy's throughput labels turn
+acceptance into tokens per second with these costs. Measuring takes a few seconds: the
+caches are filled with random keys and values to the wanted context length, since what
+attention costs does not depend on what the keys hold. The cached result is keyed by
+machine, bundle and package versions; any change measures again.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from . import target
+from .errors import BlockPilotError
+
+CALIBRATION_FILE = "calibration.json"
+WIDTHS = (1, 2, 3, 4, 6, 8)
+CONTEXTS = (256, 2048, 8192)
+
+
+@dataclass
+class Costs:
+    """Seconds of a verify pass and of a draft pass, by context length (rows) and width (columns)."""
+
+    widths: List[int]
+    contexts: List[int]
+    verify_s: List[List[float]]
+    draft_s: List[List[float]]
+    key: Dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # how long measuring took
+
+    def _at(self, table: List[List[float]], width: int, context: int) -> float:
+        return _interpolate(self.contexts, [_interpolate(self.widths, row, width) for row in table], context)
+
+    def round_s(self, width: int, context: int) -> float:
+        """One round at ``width`` with ``context`` tokens cached (width 1: a plain decoding step)."""
+        verify = self._at(self.verify_s, width, context)
+        return verify if width <= 1 else verify + self._at(self.draft_s, width, context)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Costs":
+        return cls(**{k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "key", "seconds") if k in d})
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through ``(xs, ys)``, extended linearly past the ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and x > xs[i]:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+
+
+def _fill(caches: List[Any], length: int) -> None:
+    """Grow every attention cache to ``length`` positions with random keys and values (timing only)."""
+    for c in caches:
+        if isinstance(c, KVCache) and c.keys is not None and c.offset < length:
+            b, h, _, d = c.keys.shape
+            k = mx.random.normal((b, h, length - c.offset, d)).astype(c.keys.dtype)
+            v = mx.random.normal((b, h, length - c.offset, c.values.shape[-1])).astype(c.values.dtype)
+            c.update_and_fetch(k, v)
+            mx.eval(c.keys, c.values)
+
+
+def _median_s(fn: Callable[[], None], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 2,
+            progress: Optional[Callable[[str], None]] = None) -> Costs:
+    """Time the verify pass and the draft pass at every width and context length."""
+    tic = time.perf_counter()
+    limit = target.max_context(model)
+    contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
+    ids = draft.config.target_layer_ids
+    mask = draft.config.mask_token_id
+    seed = [5] * 8
+    verify_s, draft_s = [], []
+    for n, length in enumerate(contexts):
+        if progress:
+            progress(f"calibrating: context {length} ({n + 1}/{len(contexts)})")
+        caches = target.make_cache(model)
+        _, hidden = target.forward(model, mx.array([seed]), caches, ids)
+        _fill(caches, length)
+        dcache = draft.make_cache()
+        mx.eval(draft.propose(model, mx.array([[seed[0], mask]]), hidden, dcache))
+        _fill(dcache, length)
+        v_row, d_row = [], []
+        for w in widths:
+            tokens = mx.array([[seed[0]] * w])
+
+            def verify():
+                replay = []
+                logits, h = target.forward(model, tokens, caches, ids, replay)
+                mx.eval(logits, h)
+                for c in caches:
+                    if c.is_trimmable():
+                        c.trim(w)
+                target.rewind_linear(model, replay, 0)
+
+            v_row.append(_median_s(verify, reps))
+            if w == 1:
+                d_row.append(0.0)
+                continue
+            block = mx.array([[seed[0]] + [mask] * (w - 1)])
+            ctx = hidden[:, :1]
+
+            def draft_pass():
+                mx.eval(draft.propose(model, block, ctx, dcache))
+                for c in dcache:
+                    c.trim(1)
+
+            d_row.append(_median_s(draft_pass, reps))
+        verify_s.append(v_row)
+        draft_s.append(d_row)
+    return Costs(list(widths), contexts, verify_s, draft_s, seconds=time.perf_counter() - tic)
+
+
+def machine_key() -> Dict[str, Any]:
+    """What makes costs measured elsewhere invalid here."""
+    import mlx_lm
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "device": str(mx.default_device()),
+        "blas": os.environ.get("LD_PRELOAD", ""),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "mlx_blockpilot": __version__,
+    }
+
+
+def bundle_key(bundle) -> str:
+    """A fingerprint of the bundle's target and drafter (their configs and weight files)."""
+    h = hashlib.sha256()
+    root = Path(bundle.path) if bundle.path else None
+    for part in ("target", "draft"):
+        folder = root / part if root else None
+        if folder is None or not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            stat = f.stat()
+            h.update(f"{part}/{f.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    h.update(json.dumps(bundle.draft.config.to_dict(), sort_keys=True).encode())
+    h.update(str(target.num_layers(bundle.model)).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(bundle) -> Path:
+    """``bundle/calibration.json`` when the bundle folder is writable, else the user cache."""
+    if bundle.path is not None and os.access(bundle.path, os.W_OK):
+        return Path(bundle.path) / CALIBRATION_FILE
+    from .demo import cache_dir
+
+    return cache_dir() / "calibration" / f"{bundle_key(bundle)}.json"
+
+
+def read_costs(path) -> Costs:
+    """The costs saved in ``path`` (whatever machine measured them)."""
+    try:
+        return Costs.from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise BlockPilotError(f"calibration file {path} does not exist; run python -m mlx_blockpilot.calibrate") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BlockPilotError(f"cannot read calibration file {path} ({e})") from None
+
+
+def load_costs(bundle, path=None) -> Optional[Costs]:
+    """The cached costs of ``bundle`` on this machine, or None when there are none (or stale ones)."""
+    path = Path(path) if path else cache_path(bundle)
+    if not path.is_file():
+        return None
+    try:
+        costs = Costs.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    key = dict(machine_key(), bundle=bundle_key(bundle))
+    return costs if costs.key == key else None
+
+
+def calibrate(bundle, path=None, force: bool = False, progress: Optional[Callable[[str], None]] = None) -> Costs:
+    """The bundle's costs on this machine: cached ones, or measured now and cached."""
+    costs = None if force else load_costs(bundle, path)
+    if costs is not None:
+        return costs
+    costs = measure(bundle.model, bundle.draft, progress=progress)
+    costs.key = dict(machine_key(), bundle=bundle_key(bundle))
+    path = Path(path) if path else cache_path(bundle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(costs.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BlockPilotError(f"cannot save the calibration to {path} ({e.strerror or e})") from None
+    return costs

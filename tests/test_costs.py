@@ -1,0 +1,103 @@
+"""Calibrated round costs and the per-round controller that turns them into widths."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_decode import make_prompt, no_eos, reference
+from test_sampling import RUNS, STEPS, assert_same_distribution, exact_distribution, word_tokenizer  # noqa: F401
+from test_sampling import small_vocab  # noqa: F401
+
+from mlx_blockpilot.bench.drafters import ScriptedDraft
+from mlx_blockpilot.costs import Costs, calibrate, load_costs, measure, read_costs
+from mlx_blockpilot.decode import generate, generate_step
+from mlx_blockpilot.options import GenerationOptions
+from mlx_blockpilot.schedule import CostAware
+
+
+def costs(draft_s=0.1, verify_growth=0.1):
+    """Synthetic costs: a plain step costs 1 s, each extra verified position ``verify_growth``."""
+    widths = [1, 2, 4, 8]
+    verify = [1.0 + verify_growth * (w - 1) for w in widths]
+    return Costs(widths, [0, 10000], [verify, verify], [[0.0] + [draft_s] * 3] * 2)
+
+
+def test_costs_interpolate_and_extrapolate():
+    c = Costs([1, 2, 4], [100, 1100], [[1.0, 1.2, 1.6], [2.0, 2.4, 3.2]], [[0.0, 0.1, 0.2], [0.0, 0.3, 0.4]])
+    assert c.round_s(1, 100) == pytest.approx(1.0)  # plain decoding: no draft pass
+    assert c.round_s(3, 100) == pytest.approx(1.4 + 0.15)
+    assert c.round_s(2, 600) == pytest.approx(1.8 + 0.2)
+    assert c.round_s(8, 100) == pytest.approx(2.4 + 0.4)  # past the widths measured: linear
+    assert Costs.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def widths_of(model, draft, tok, prompt, costs, max_tokens=40):
+    steps = list(generate_step(model, draft, prompt, GenerationOptions(max_tokens=max_tokens, block_size=2, refine=True),
+                               eos=tok.eos_token_ids, costs=costs))
+    return [s.width for s in steps[1:]], [t for s in steps for t in s.tokens]
+
+
+def test_cost_aware_widths_follow_acceptance_and_stay_lossless(qwen3):
+    tok = no_eos(qwen3.tokenizer)
+    prompt = make_prompt(13, seed=2)
+    ref = reference(qwen3.model, prompt, max_tokens=60)
+    right = ScriptedDraft(qwen3.draft.config, prompt + ref, qwen3.cfg["vocab_size"])
+    wrong = ScriptedDraft(qwen3.draft.config, prompt + ref, qwen3.cfg["vocab_size"], wrong=True)
+    # drafts that are always right on cheap rounds: the width climbs (position by position, as
+    # each new position's acceptance is observed) towards the largest
+    widths, tokens = widths_of(qwen3.model, right, tok, prompt, costs(), 60)
+    assert tokens == ref and max(widths) >= 7 and widths[:-2] == sorted(widths[:-2])
+    # drafts that are always wrong: plain decoding, with a drafted probe now and then
+    widths, tokens = widths_of(qwen3.model, wrong, tok, prompt, costs(), 60)
+    assert tokens == ref and widths.count(1) > len(widths) // 2 and 2 in widths[len(widths) // 2 :]
+    # the real (random) drafter, every width lossless
+    for c in (costs(), costs(draft_s=0.0, verify_growth=0.0), costs(draft_s=2.0)):
+        r = generate(qwen3.model, qwen3.draft, tok, prompt, block_size=3, max_tokens=60, refine=True, costs=c)
+        assert r.tokens == ref
+
+
+def test_cost_aware_rule():
+    s = CostAware(4, costs(), max_width=8, context=0, prior=0.5)
+    for _ in range(30):
+        s.update(8, 8)  # every draft accepted
+    assert s.width == 8 and min(s.rates()) > 0.9
+    for _ in range(30):
+        s.update(1, s.width)  # nothing accepted
+    assert s.width in (1, 2) and s.rates()[0] < 0.1
+
+
+@pytest.mark.slow
+def test_cost_aware_keeps_the_sampling_distribution(small_vocab):  # noqa: F811
+    model, draft = small_vocab
+    tok = word_tokenizer()
+    prompt = [1, 4, 2]
+    exact = exact_distribution(model, prompt, 1.0, 1.0, 0)
+    counts, widths = {}, set()
+    for seed in range(RUNS):
+        steps = list(generate_step(model, draft, prompt, GenerationOptions(max_tokens=STEPS, block_size=2, refine=True,
+                                                                          temperature=1.0, seed=seed),
+                                   costs=costs(draft_s=0.01, verify_growth=0.05)))
+        widths.update(s.width for s in steps[1:])
+        seq = tuple(t for s in steps for t in s.tokens)
+        counts[seq] = counts.get(seq, 0) + 1
+    assert len(widths) > 1, "the controller should have moved the width"
+    assert_same_distribution(counts, exact)
+
+
+def test_measure_and_cache(qwen3, tmp_path):
+    from mlx_blockpilot.bundle import Bundle
+
+    c = measure(qwen3.model, qwen3.draft, widths=(1, 2, 4), contexts=(16, 64), reps=1)
+    assert c.widths == [1, 2, 4] and c.contexts == [16, 64]
+    assert all(v > 0 for row in c.verify_s for v in row) and all(row[0] == 0 for row in c.draft_s)
+    assert c.round_s(2, 16) > c.round_s(1, 16)
+    bundle = Bundle(qwen3.model, qwen3.tokenizer, qwen3.draft, path=tmp_path)
+    first = calibrate(bundle)
+    assert (tmp_path / "calibration.json").is_file() and load_costs(bundle) == first
+    assert calibrate(bundle) == first  # cached: not measured again
+    assert read_costs(tmp_path / "calibration.json") == first
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    data["key"]["mlx"] = "0.0.0"  # measured with other software: stale
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
+    assert load_costs(bundle) is None
