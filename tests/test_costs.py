@@ -2,11 +2,9 @@
 
 import json
 
-import mlx.core as mx
-import numpy as np
 import pytest
 from test_decode import make_prompt, no_eos, reference
-from test_sampling import RUNS, STEPS, assert_same_distribution, exact_distribution, word_tokenizer  # noqa: F401
+from test_sampling import RUNS, STEPS, assert_same_distribution, exact_distribution
 from test_sampling import small_vocab  # noqa: F401
 
 from mlx_blockpilot.bench.drafters import ScriptedDraft
@@ -70,7 +68,6 @@ def test_cost_aware_rule():
 @pytest.mark.slow
 def test_cost_aware_keeps_the_sampling_distribution(small_vocab):  # noqa: F811
     model, draft = small_vocab
-    tok = word_tokenizer()
     prompt = [1, 4, 2]
     exact = exact_distribution(model, prompt, 1.0, 1.0, 0)
     counts, widths = {}, set()
