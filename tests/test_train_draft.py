@@ -296,6 +296,8 @@ def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_pat
     assert cfg["draft_vocab_size"] == 60 and cfg["is_causal"] is True
     draft = load_draft(out)
     evals = [r for r in read_log(out / "train_log.jsonl") if "val_acceptance" in r]
+    assert evals[0]["step"] == 0 and evals[0]["train_cpu_h"] == 0  # where the curve starts
+    evals = evals[1:]
     assert evals and all(1 <= r["val_acceptance"] <= 4 and r["train_cpu_h"] > 0 and r["block_size"] == 4 for r in evals)
     assert all(len(r["val_position_hit_rate"]) == 3 and "acceptance" in r for r in evals)
     prompt = make_prompt(9, seed=6)

@@ -75,6 +75,9 @@ def build_parser():
                    help="train on the sequences of this token file (features rebuilt by prefill) instead of "
                         "generating answers; --prompts then only gives the held-out prompts")
     p.add_argument("--export-tokens", default=None, help="also write the distilled sequences as a token file")
+    p.add_argument("--data", default=None,
+                   help="train on the distilled data in this folder as it is (an earlier run's OUT/data); "
+                        "--prompts then only gives the held-out prompts")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -96,7 +99,7 @@ def _train_into(args, out: Path) -> int:
     texts = load_prompts(args.prompts, limit=args.limit, min_chars=args.min_chars, max_chars=args.max_chars)
     model, tokenizer, target_dir = resolve_target(args.target, out)
     ids = [i for i in (encode_prompt(tokenizer, t) for t in texts) if 0 < len(i) <= args.max_prompt_tokens]
-    if len(ids) <= args.holdout and not args.data_tokens:
+    if len(ids) <= args.holdout and not (args.data_tokens or args.data):
         raise BlockPilotError(f"{len(ids)} usable prompts leave none for training after --holdout {args.holdout}")
     train_ids, held = ids[: len(ids) - args.holdout], ids[len(ids) - args.holdout :] if args.holdout else []
 
@@ -104,10 +107,14 @@ def _train_into(args, out: Path) -> int:
     mask_id = args.mask_token_id if args.mask_token_id is not None else default_mask_id(tokenizer)
     cfg = make_config(model, args.layers, layer_ids, args.block_size, mask_id, args.causal or None, args.draft_vocab)
 
-    data_dir = out / "data"
+    data_dir = Path(args.data) if args.data else out / "data"
     tic = time.perf_counter()
     gen = {"prompts": 0, "tokens": 0, "answer_tokens": 0}
-    if args.data_tokens:
+    if args.data:
+        if distill.read_meta(data_dir) is None:
+            raise BlockPilotError(f"--data {data_dir} holds no distilled data (no {distill.META})")
+        stream, bar = iter(()), tqdm(total=0, disable=True)
+    elif args.data_tokens:
         sequences = distill.read_token_file(args.data_tokens)
         stream = distill.featurize(model, sequences, data_dir, layer_ids, args.gen_batch)
         bar = tqdm(total=len(sequences), desc="features", disable=args.no_progress, unit="seq")
@@ -115,7 +122,8 @@ def _train_into(args, out: Path) -> int:
         stream = distill.distill(model, train_ids, data_dir, layer_ids, args.max_new_tokens, args.gen_batch,
                                  tokenizer.eos_token_ids)
         bar = tqdm(total=len(train_ids), desc="distill", disable=args.no_progress, unit="prompt")
-    bar.update(len((distill.read_meta(data_dir) or {}).get("done", [])))
+    if not args.data:
+        bar.update(len((distill.read_meta(data_dir) or {}).get("done", [])))
     for s in stream:
         for k in gen:
             gen[k] += s[k]
@@ -130,7 +138,9 @@ def _train_into(args, out: Path) -> int:
     if args.val_sequences:
         if args.val_sequences >= len(examples):
             raise BlockPilotError(f"--val-sequences {args.val_sequences} leaves no sequence to train on")
-        examples, val = examples[: -args.val_sequences], examples[-args.val_sequences :]
+        picked = set(np.linspace(0, len(examples) - 1, args.val_sequences).round().astype(int).tolist())
+        val = [e for i, e in enumerate(examples) if i in picked]  # spread over short and long prompts
+        examples = [e for i, e in enumerate(examples) if i not in picked]
     else:
         val = []
     answer_tokens = sum(e.answer_len for e in examples)
