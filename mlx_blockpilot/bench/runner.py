@@ -87,9 +87,9 @@ def run_mlx_lm(model, tokenizer, prompt, opts) -> Dict[str, Any]:
     return dict(tokens=tokens, prefill_s=prefill, decode_tokens_per_s=tps)
 
 
-def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None, refine=False) -> Dict[str, Any]:
+def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None, refine=False, costs=None) -> Dict[str, Any]:
     stream = decode.stream_generate(
-        model, draft, tokenizer, prompt, block_size=block_size, policy=policy, refine=refine,
+        model, draft, tokenizer, prompt, block_size=block_size, policy=policy, refine=refine, costs=costs,
         max_tokens=opts["max_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
         top_k=opts["top_k"], seed=opts.get("seed"),
     )
@@ -216,8 +216,14 @@ def run_benchmark(
     profile: Optional[int] = None,
     profile_prompts: int = 2,
     progress: bool = True,
+    categories: Optional[Sequence[str]] = None,
+    costs=None,
 ) -> Dict[str, Any]:
-    """Run every configuration on every prompt, interleaved; return all numbers (see ``summarize``)."""
+    """Run every configuration on every prompt, interleaved; return all numbers (see ``summarize``).
+
+    ``categories`` names each prompt's kind (chat, code, a context length, ...) for the
+    per-category table; with calibrated ``costs`` the per-round controller gets its rows
+    (``control``: from block size 2; ``auto+control``: from the policy's pick)."""
     from tqdm import tqdm
 
     model, draft, tok = bundle.model, bundle.draft, bundle.tokenizer
@@ -232,6 +238,8 @@ def run_benchmark(
     configs += [(f"ours B={b}", b) for b in block_sizes]
     if bundle.policy is not None:
         configs += [("ours auto", "auto"), ("ours auto+refine", "auto")]
+    if costs is not None:
+        configs += [("ours control", 2)] + ([("ours auto+control", "auto")] if bundle.policy is not None else [])
     configs += [(f"dflash B={b}", b) for b in dflash_sizes]
     configs += [(f"engine B={b}", b) for b in engine_sizes]
 
@@ -239,7 +247,9 @@ def run_benchmark(
         if name == "mlx-lm":
             return run_mlx_lm(model, tok, prompt, opts)
         if name.startswith("ours"):
-            return run_ours(model, draft, tok, prompt, opts, b, policy=bundle.policy, refine=name.endswith("+refine"))
+            control = name.endswith("control")
+            return run_ours(model, draft, tok, prompt, opts, b, policy=bundle.policy,
+                            refine=name.endswith(("refine", "control")), costs=costs if control else None)
         if name.startswith("dflash"):
             return run_official(official, tok, prompt, opts, b)
         oracle = true_continuation(draft, list(prompt) + reference, vocab)
@@ -277,7 +287,7 @@ def run_benchmark(
         if widths:  # isolated costs once per repeat, so they see the same machine load as the runs
             cost_samples.append(measure_costs(model, draft, prompts[0] + runs[0].tokens[: max_tokens // 2], widths))
     bar.close()
-    costs = {w: {k: median_of([c[w][k] for c in cost_samples]) for k in ("verify_s", "draft_s")} for w in widths}
+    isolated = {w: {k: median_of([c[w][k] for c in cost_samples]) for k in ("verify_s", "draft_s")} for w in widths}
 
     prof = None
     if profile:
@@ -301,4 +311,6 @@ def run_benchmark(
             prof["round_s_unprofiled"] = median_of(
                 [(r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds for r in unsynced if r.decode_tokens_per_s]
             )
-    return summarize(runs, costs, prof, len(prompts), dict(opts, seed=seed, repeats=repeats, block_sizes=list(block_sizes)))
+    settings = dict(opts, seed=seed, repeats=repeats, block_sizes=list(block_sizes))
+    return summarize(runs, isolated, prof, len(prompts), settings,
+                     list(categories) if categories else None, [len(p) for p in prompts])

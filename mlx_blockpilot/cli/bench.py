@@ -7,7 +7,8 @@ from ..bench.official import load_official
 from ..bench.report import machine, markdown, write_outputs
 from ..bench.runner import run_benchmark
 from ..errors import BlockPilotError
-from ..prompts import encode_prompt, load_prompts
+from ..costs import calibrate
+from ..prompts import encode_prompt, load_prompts, long_prompt
 from .common import (
     add_limit_arg,
     add_model_args,
@@ -25,7 +26,12 @@ from .common import (
 def build_parser():
     p = parser("bench", __doc__.split(": ", 1)[1])
     add_model_args(p)
-    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl (prompt) or ShareGPT .json")
+    p.add_argument("--prompts", required=True, action="append",
+                   help="[CATEGORY=]SOURCE: .txt, .jsonl, ShareGPT .json, sharegpt or humaneval; repeat for categories")
+    p.add_argument("--context-lengths", type=block_sizes_arg, default=[],
+                   help="also prompts of about these many tokens built from the first source, e.g. 2048,4096,8000")
+    p.add_argument("--control", action="store_true",
+                   help="add the per-round controller's rows (calibrates this machine first if needed)")
     add_limit_arg(p)
     add_sampling_args(p, max_tokens=64, block_size=False)
     p.add_argument("--block-sizes", type=block_sizes_arg, default=[1, 4, 8, 16], help="fixed sizes, e.g. 1,4,8,16 or 2-8")
@@ -56,15 +62,27 @@ def _bench(args, argv) -> int:
     if args.profile is not None and (not isinstance(args.profile, int) or args.profile < 1):
         raise BlockPilotError("--profile takes a fixed block size >= 1")
     options_from_args(args)  # sampling values checked before anything loads
-    texts = load_prompts(args.prompts, limit=args.limit)
+    sources = [spec.split("=", 1) if "=" in spec else ["prompts", spec] for spec in args.prompts]
+    texts = {name: load_prompts(src, limit=args.limit) for name, src in sources}
     with output_dir(args.out, "--out"):  # checked before the benchmark, not after it
-        return _bench_into(args, argv, texts)
+        return _bench_into(args, argv, sources, texts)
 
 
-def _bench_into(args, argv, texts) -> int:
+def _bench_into(args, argv, sources, texts) -> int:
     bundle = load_from_args(args)
     target_dir, draft_dir = model_dirs(args)
-    prompts = [encode_prompt(bundle.tokenizer, t, chat=not args.no_chat_template) for t in texts]
+    prompts, categories = [], []
+    for name, chunk in texts.items():
+        prompts += [encode_prompt(bundle.tokenizer, t, chat=not args.no_chat_template) for t in chunk]
+        categories += [name] * len(chunk)
+    if args.context_lengths:
+        pool = load_prompts(sources[0][1])
+        for n in args.context_lengths:
+            prompts.append(long_prompt(bundle.tokenizer, pool, n))
+            categories.append(f"{n} tokens")
+    costs = None
+    if args.control:
+        costs = calibrate(bundle, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     dsizes = [b for b in args.block_sizes if b >= 2] if args.dflash_block_sizes is None else args.dflash_block_sizes
     official = load_official(target_dir, draft_dir) if dsizes else None
     if dsizes and official is None:
@@ -73,10 +91,12 @@ def _bench_into(args, argv, texts) -> int:
         bundle, prompts, block_sizes=args.block_sizes, dflash_block_sizes=dsizes, official=official,
         max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         repeats=args.repeats, engine=not args.no_engine, profile=args.profile, profile_prompts=args.profile_prompts,
+        categories=categories if len(set(categories)) > 1 else None, costs=costs,
     )
     results["command"] = "python -m mlx_blockpilot.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results["machine"] = machine()
-    results["prompts"] = texts
+    results["prompts"] = {name: chunk for name, chunk in texts.items()}
+    results["categories"] = categories
     results["model"] = {"target": str(target_dir), "draft": str(draft_dir)}
     files = write_outputs(results, Path(args.out))
     print(markdown(results))
