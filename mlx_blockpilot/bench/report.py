@@ -204,7 +204,6 @@ def plot(results: Dict[str, Any], out: Path) -> List[Path]:
     cats = results.get("by_category")
     if cats and len(cats) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
-        lengths = [v["mean_prompt_tokens"] for v in cats.values()]
         for name in next(iter(cats.values()))["rows"]:
             if name == "mlx-lm" or name.startswith("engine"):
                 continue
