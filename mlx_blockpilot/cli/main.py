@@ -10,6 +10,7 @@ COMMANDS = {
     "server": ("server", "an OpenAI-compatible HTTP server"),
     "convert": ("convert", "convert a target, a DFlash drafter and a policy into one bundle"),
     "calibrate": ("calibrate", "measure what a round costs on this machine"),
+    "export": ("export", "a bundle for vLLM or SGLang, with the launch command"),
     "bench": ("bench", "benchmark against mlx-lm and the official DFlash backend"),
     "sweep": ("sweep", "decode prompts at every candidate block size (policy training data)"),
     "train_policy": ("train_policy", "train a BlockPilot policy from a sweep"),
