@@ -18,16 +18,14 @@ All rows are timed the same way from outside: prefill = call -> first token;
 decode tok/s = (tokens - 1) / (first token -> last token). Medians over repeats.
 """
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import trim_prompt_cache
 
 from .. import decode, target
-from ..cache import make_cache
+from ..costs import measure
 from ..options import GenerationOptions
 from .drafters import true_continuation
 from .report import mean_of, median_of, summarize
@@ -128,51 +126,11 @@ def run_official(official, tokenizer, prompt, opts, block_size) -> Dict[str, Any
 # ----------------------------------------------------------------------------- isolated costs and profile
 
 
-def _median_time(fn: Callable[[], None], reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
-def measure_costs(model, draft, prompt: List[int], widths: Sequence[int], reps: int = 5) -> Dict[int, Dict[str, float]]:
-    """Seconds for one target forward at width B and one draft pass at B (context: ``prompt``), each evaluated alone."""
-    ids = draft.config.target_layer_ids
-    cache = make_cache(model, draft)
-    pre = decode.prefill(model, draft, cache, list(prompt))
-    mx.eval(pre.logits, pre.hidden, [c.state for c in cache.target])
-    ctx = cache.take_pending()
-    n = len(cache.tokens)
-    out: Dict[int, Dict[str, float]] = {}
-    for w in widths:
-        toks = mx.array([(prompt * w)[:w]])
-
-        def verify():
-            replay = []
-            lg, h = target.forward(model, toks, cache.target, ids, replay)
-            mx.eval(lg, h)
-            cache.commit([], None, w, replay)  # nothing kept: the cache is back at the prompt
-
-        cost = {"verify_s": _median_time(verify, reps), "draft_s": 0.0}
-        if w > 1:
-            n_ctx = min(w, ctx.shape[1])  # at full acceptance a round brings w new context positions
-            dcache = draft.make_cache()
-            seen = ctx.shape[1] - n_ctx
-            if seen:  # the drafter has already seen the rest of the context
-                mx.eval(draft.propose(model, mx.array([[prompt[-1]] * w]), ctx[:, :seen], dcache))
-            block = mx.array([[prompt[-1]] + [draft.config.mask_token_id] * (w - 1)])
-
-            def draft_pass():
-                mx.eval(draft.propose(model, block, ctx[:, seen:], dcache))
-                trim_prompt_cache(dcache, n_ctx)
-
-            cost["draft_s"] = _median_time(draft_pass, reps)
-        out[w] = cost
-    assert len(cache.tokens) == n
-    return out
+def measure_costs(model, draft, context: int, widths: Sequence[int], reps: int = 5) -> Dict[int, Dict[str, float]]:
+    """Seconds of one target forward and one draft pass at each width B, each evaluated alone,
+    with ``context`` tokens cached (``costs.measure``)."""
+    c = measure(model, draft, widths=widths, contexts=(context,), reps=reps)
+    return {w: {"verify_s": v, "draft_s": d} for w, v, d in zip(c.widths, c.verify_s[0], c.draft_s[0])}
 
 
 def profile_rounds(model, draft, tokenizer, prompt: List[int], block_size: int, max_tokens: int) -> Dict[str, Any]:
@@ -285,7 +243,7 @@ def run_benchmark(
                         r.check = _strip_eos(r.tokens, eos) == _strip_eos(ours.tokens if ours else this["mlx-lm"].tokens, eos)
             runs.extend(this.values())
         if widths:  # isolated costs once per repeat, so they see the same machine load as the runs
-            cost_samples.append(measure_costs(model, draft, prompts[0] + runs[0].tokens[: max_tokens // 2], widths))
+            cost_samples.append(measure_costs(model, draft, len(prompts[0]) + max_tokens // 2, widths))
     bar.close()
     isolated = {w: {k: median_of([c[w][k] for c in cost_samples]) for k in ("verify_s", "draft_s")} for w in widths}
 
