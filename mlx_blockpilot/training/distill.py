@@ -120,6 +120,20 @@ def distill(
     Prompts are batched by length (less padding). Rerunning continues where a
     previous run stopped; the tapped layers must be the same.
     """
+    root, meta, todo = _start(root, layer_ids, [len(p) for p in prompts])
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        seqs = greedy_batch(model, [prompts[i] for i in idx], layer_ids, max_new_tokens, eos, pad_id)
+        _add_shard(root, meta, idx, seqs)
+        yield {
+            "prompts": len(idx),
+            "tokens": int(sum(len(s.tokens) for s in seqs)),
+            "answer_tokens": int(sum(s.answer_len for s in seqs)),
+        }
+
+
+def _start(root, layer_ids: Sequence[int], lengths: Sequence[int]):
+    """(root, meta, indices still to do, shortest first) of a data folder, made if new."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     meta = read_meta(root) or {"target_layer_ids": list(layer_ids), "done": [], "shards": []}
@@ -129,20 +143,16 @@ def distill(
             "use another --out or the same --target-layer-ids"
         )
     done = set(meta["done"])
-    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(prompts[i]))
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
-        seqs = greedy_batch(model, [prompts[i] for i in idx], layer_ids, max_new_tokens, eos, pad_id)
-        name = f"shard_{len(meta['shards']):05d}.safetensors"
-        write_shard(root / name, seqs)
-        meta["shards"].append(name)
-        meta["done"].extend(idx)
-        (root / META).write_text(json.dumps(meta))
-        yield {
-            "prompts": len(idx),
-            "tokens": int(sum(len(s.tokens) for s in seqs)),
-            "answer_tokens": int(sum(s.answer_len for s in seqs)),
-        }
+    return root, meta, sorted((i for i in range(len(lengths)) if i not in done), key=lambda i: lengths[i])
+
+
+def _add_shard(root: Path, meta: dict, indices: Sequence[int], seqs: Sequence[Example]) -> None:
+    """Write one shard and record it (and the indices it holds) in the folder's ``data.json``."""
+    name = f"shard_{len(meta['shards']):05d}.safetensors"
+    write_shard(root / name, seqs)
+    meta["shards"].append(name)
+    meta["done"].extend(indices)
+    (root / META).write_text(json.dumps(meta))
 
 
 def write_shard(path, seqs: Sequence[Example]) -> None:
@@ -230,16 +240,7 @@ def featurize(
     Sequences are right-padded: under the causal mask no real position sees a pad, so the
     features are those the target computed while generating the sequence.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    meta = read_meta(root) or {"target_layer_ids": list(layer_ids), "done": [], "shards": []}
-    if meta["target_layer_ids"] != list(layer_ids):
-        raise BlockPilotError(
-            f"data in {root} was captured at target layers {meta['target_layer_ids']}, not {list(layer_ids)}; "
-            "use another --out or the same --target-layer-ids"
-        )
-    done = set(meta["done"])
-    todo = sorted((i for i in range(len(sequences)) if i not in done), key=lambda i: len(sequences[i].tokens))
+    root, meta, todo = _start(root, layer_ids, [len(s.tokens) for s in sequences])
     n_layers = target.num_layers(model)
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
@@ -250,11 +251,7 @@ def featurize(
             x[r, : len(s.tokens) - 1] = s.tokens[:-1]
         _, hidden = target.forward(model, mx.array(x), [None] * n_layers, layer_ids)
         hidden = np.array(hidden.astype(mx.float16))
-        out = [Example(s.tokens, s.prompt_len, hidden[r, : len(s.tokens) - 1]) for r, s in enumerate(seqs)]
-        name = f"shard_{len(meta['shards']):05d}.safetensors"
-        write_shard(root / name, out)
-        meta["shards"].append(name)
-        meta["done"].extend(idx)
-        (root / META).write_text(json.dumps(meta))
+        _add_shard(root, meta, idx, [Example(s.tokens, s.prompt_len, hidden[r, : len(s.tokens) - 1])
+                                     for r, s in enumerate(seqs)])
         yield {"prompts": len(idx), "tokens": int(sum(len(s.tokens) for s in seqs)),
                "answer_tokens": int(sum(s.answer_len for s in seqs))}
