@@ -6,7 +6,7 @@ layer by layer, and keep the tapped outputs of the same forward pass.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,7 +26,9 @@ class Family:
     what ``mlx_lm.load`` returns; ``kinds`` names each layer's attention: ``full``,
     ``sliding`` (a window of ``window`` keys) or ``linear`` (a recurrent state that cannot
     be trimmed; ``replay`` re-runs such a layer on the inputs a rewind keeps).
-    ``embed_scale`` multiplies the embeddings as the family's forward does.
+    ``embed_scale`` multiplies the embeddings as the family's forward does;
+    ``logit_cap`` soft-caps the target's logits; ``layers`` runs the decoder stack when it
+    is not plain ``layer(h, mask, cache)`` calls (yields the output of every layer).
     """
 
     kinds: Callable[[nn.Module], List[str]]
@@ -34,6 +36,8 @@ class Family:
     text: Callable[[nn.Module], nn.Module] = lambda model: model
     embed_scale: Optional[Callable[[nn.Module], mx.array]] = None
     replay: Optional[Callable[[nn.Module, mx.array, Any], None]] = None
+    logit_cap: Callable[[nn.Module], Optional[float]] = lambda model: None
+    layers: Optional[Callable[..., Iterator[mx.array]]] = None
 
 
 def _flagged(attr: str, kind: str):
@@ -43,6 +47,24 @@ def _flagged(attr: str, kind: str):
 
 def _gated_delta_replay(layer, x, cache) -> None:
     layer.linear_attn(layer.input_layernorm(x), None, cache)
+
+
+def _gemma4_layers(inner, tokens, h, caches, masks) -> Iterator[mx.array]:
+    """Gemma 4's stack: per-layer input embeddings, and KV-shared layers that reuse the keys
+    and values of an earlier layer of their kind (they have no cache of their own)."""
+    per_layer = None
+    if inner.hidden_size_per_layer_input:
+        shape = (len(inner.layers), inner.hidden_size_per_layer_input)
+        looked_up = mx.unflatten(inner.embed_tokens_per_layer(tokens) * inner.embed_tokens_per_layer_scale, -1, shape)
+        projected = mx.unflatten(inner.per_layer_model_projection(h) * inner.per_layer_projection_scale, -1, shape)
+        per_layer = (inner.per_layer_projection_norm(projected) + looked_up) * inner.per_layer_input_scale
+    shared = [(None, None)] * len(inner.layers)
+    for i, (layer, c, mask, source) in enumerate(zip(inner.layers, caches, masks, inner.previous_kvs)):
+        kvs, offset = shared[source]
+        h, kvs, offset = layer(h, mask, c, per_layer_input=None if per_layer is None else per_layer[:, :, i, :],
+                               shared_kv=kvs, offset=offset)
+        shared[i] = (kvs, offset)
+        yield h
 
 
 _DENSE = Family(kinds=_flagged("use_sliding", SLIDING), window=lambda inner: getattr(inner, "sliding_window", None))
@@ -66,6 +88,13 @@ FAMILIES: Dict[str, Family] = {
                              for i in range(len(inner.layers))],
         window=lambda inner: inner.window_size,
         embed_scale=lambda inner: mx.array(inner.args.hidden_size**0.5, mx.bfloat16),
+    ),
+    "gemma4_text": Family(
+        kinds=lambda inner: [SLIDING if layer.layer_type == "sliding_attention" else FULL for layer in inner.layers],
+        window=lambda inner: inner.window_size,
+        embed_scale=lambda inner: mx.array(inner.embed_scale),
+        logit_cap=lambda model: model.final_logit_softcapping,
+        layers=_gemma4_layers,
     ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -214,23 +243,38 @@ def forward(
         h = h * fam.embed_scale(inner).astype(h.dtype)
     kinds = fam.kinds(inner)
     window = fam.window(inner)
-    masks = {}
+    caches = list(cache) + [None] * (len(kinds) - len(cache))  # KV-shared layers have no cache
+    by_kind = {}
+    for kind, c in zip(kinds, caches):  # each kind's mask from its first layer's cache
+        if kind not in by_kind:
+            by_kind[kind] = (create_ssm_mask(h, c) if kind == LINEAR
+                             else create_attention_mask(h, c, window_size=window if kind == SLIDING else None))
+    masks = [by_kind[kind] for kind in kinds]
     taps = {}
     wanted = set(tap_layer_ids)
-    for i, (layer, c, kind) in enumerate(zip(inner.layers, cache, kinds)):
-        if kind not in masks:
-            if kind == LINEAR:
-                masks[kind] = create_ssm_mask(h, c)
-            else:
-                masks[kind] = create_attention_mask(h, c, window_size=window if kind == SLIDING else None)
-        if kind == LINEAR and replay is not None:
-            replay.append((layer, c, list(c.cache), h))
-        h = layer(h, masks[kind], c)
+    if fam.layers is not None:
+        outputs = fam.layers(inner, tokens, h, caches, masks)
+    else:
+        outputs = _plain_layers(inner, h, caches, masks, kinds, replay)
+    for i, h in enumerate(outputs):
         if i in wanted:
             taps[i] = h
     logits = lm_head(model, inner.norm(h))
+    cap = fam.logit_cap(_text(model))
+    if cap:
+        logits = mx.tanh(logits / cap) * cap
     hidden = mx.concatenate([taps[i] for i in tap_layer_ids], axis=-1) if taps else None
     return logits, hidden
+
+
+def _plain_layers(inner, h, caches, masks, kinds, replay) -> Iterator[mx.array]:
+    """``layer(h, mask, cache)`` for every layer, recording what linear-attention layers need
+    to be taken back (``rewind_linear``)."""
+    for layer, c, mask, kind in zip(inner.layers, caches, masks, kinds):
+        if kind == LINEAR and replay is not None:
+            replay.append((layer, c, list(c.cache), h))
+        h = layer(h, mask, c)
+        yield h
 
 
 def rewind_linear(model: nn.Module, replay: List[Any], kept: int) -> None:
