@@ -165,3 +165,5 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
     assert "calibrating" in capsys.readouterr().err
     assert (out / "speedup_vs_context.png").read_bytes()[:4] == b"\x89PNG"
     assert "by prompt category" in (out / "results.md").read_text()
+    check = res["calibration"]
+    assert set(check) == {"1", "3"} and all(c["runs"] == 5 and c["median_predicted_over_measured"] > 0 for c in check.values())

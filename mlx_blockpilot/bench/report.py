@@ -142,6 +142,11 @@ def markdown(results: Dict[str, Any]) -> str:
                 r = c["rows"].get(name)
                 cells.append(f"{r['speedup']:.2f}x (worst {r['worst_prompt_ratio']:.2f})" if r else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results.get("calibration"):
+        lines += ["", "Calibrated round cost against the measured one (fixed-size runs; 1.00 = exact):", "",
+                  "| B | median predicted / measured | range | runs |", "|---:|---:|---|---:|"]
+        for b, c in results["calibration"].items():
+            lines.append(f"| {b} | {c['median_predicted_over_measured']:.2f} | {c['min']:.2f}-{c['max']:.2f} | {c['runs']} |")
     if results.get("costs"):
         lines += ["", "Isolated costs (each evaluated alone, median):", "",
                   "| B | target forward at width B, ms | draft pass at B, ms |", "|---:|---:|---:|"]

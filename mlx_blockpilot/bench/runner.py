@@ -270,5 +270,22 @@ def run_benchmark(
                 [(r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds for r in unsynced if r.decode_tokens_per_s]
             )
     settings = dict(opts, seed=seed, repeats=repeats, block_sizes=list(block_sizes))
-    return summarize(runs, isolated, prof, len(prompts), settings,
-                     list(categories) if categories else None, [len(p) for p in prompts])
+    results = summarize(runs, isolated, prof, len(prompts), settings,
+                        list(categories) if categories else None, [len(p) for p in prompts])
+    if costs is not None:
+        results["calibration"] = calibration_check(runs, costs, [len(p) for p in prompts])
+    return results
+
+
+def calibration_check(runs: List[Run], costs, prompt_lengths: List[int]) -> Dict[str, Any]:
+    """Calibrated round cost against the measured one of every fixed-size run (the round's
+    mean over the run: decode seconds / rounds), by block size: median predicted/measured."""
+    out = {}
+    for r in runs:
+        if not (r.config.startswith("ours B=") and r.rounds and r.decode_tokens_per_s):
+            continue
+        measured = (r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds
+        context = prompt_lengths[r.prompt] + r.generation_tokens // 2
+        out.setdefault(r.block_size, []).append(costs.round_s(r.block_size, context) / measured)
+    return {str(b): {"median_predicted_over_measured": median_of(v), "runs": len(v),
+                     "min": min(v), "max": max(v)} for b, v in sorted(out.items())}
