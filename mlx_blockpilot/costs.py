@@ -68,18 +68,17 @@ def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 
 
 def _fill(caches: List[Any], length: int) -> None:
-    """Grow every attention cache to ``length`` positions with random keys and values (timing only)."""
+    """Grow every attention cache to ``length`` positions of placeholder keys and values (timing only)."""
     for c in caches:
         if isinstance(c, KVCache) and c.keys is not None and c.offset < length:
             b, h, _, d = c.keys.shape
-            k = mx.random.normal((b, h, length - c.offset, d)).astype(c.keys.dtype)
-            v = mx.random.normal((b, h, length - c.offset, c.values.shape[-1])).astype(c.values.dtype)
+            k = mx.zeros((b, h, length - c.offset, d), dtype=c.keys.dtype)
+            v = mx.zeros((b, h, length - c.offset, c.values.shape[-1]), dtype=c.values.dtype)
             c.update_and_fetch(k, v)
             mx.eval(c.keys, c.values)
 
 
 def _median_s(fn: Callable[[], None], reps: int) -> float:
-    fn()
     times = []
     for _ in range(reps):
         tic = time.perf_counter()
@@ -88,9 +87,10 @@ def _median_s(fn: Callable[[], None], reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 2,
+def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 1,
             progress: Optional[Callable[[str], None]] = None) -> Costs:
-    """Time the verify pass and the draft pass at every width and context length."""
+    """Time the verify pass and the draft pass at every width and context length (the median
+    of ``reps`` passes, after one pass per context that warms its buffers up)."""
     tic = time.perf_counter()
     limit = target.max_context(model)
     contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
@@ -120,6 +120,8 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                         c.trim(w)
                 target.rewind_linear(model, replay, 0)
 
+            if w == widths[0]:
+                verify()  # warm-up: the context's buffers are allocated here
             v_row.append(_median_s(verify, reps))
             if w == 1:
                 d_row.append(0.0)
@@ -132,6 +134,8 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                 for c in dcache:
                     c.trim(1)
 
+            if len(d_row) == 1:
+                draft_pass()  # warm-up
             d_row.append(_median_s(draft_pass, reps))
         verify_s.append(v_row)
         draft_s.append(d_row)
