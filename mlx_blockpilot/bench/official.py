@@ -13,7 +13,9 @@ def load_official(target_dir, draft_dir):
 
     The official backend wraps the layers of the model it is given, so it gets a
     separately loaded target. Its ``load_draft`` only takes hub repo ids, so the drafter
-    is built here with its own classes from the local config and weights.
+    is built here with its own classes from the local config and weights. It does not read
+    a reduced vocabulary (``d2t``): such a drafter runs there with the full head, the same
+    layers drafting over every token (a speed reference; outputs stay the target's).
     """
     try:
         from dflash import model_mlx
@@ -36,6 +38,7 @@ def load_official(target_dir, draft_dir):
     )
     draft = model_mlx.DFlashDraftModel(config)
     draft.eval()
-    draft.load_weights([(k, v) for f in sorted(Path(draft_dir).glob("*.safetensors")) for k, v in mx.load(str(f)).items()])
+    draft.load_weights([(k, v) for f in sorted(Path(draft_dir).glob("*.safetensors"))
+                        for k, v in mx.load(str(f)).items() if k != "d2t"])
     mx.eval(draft.parameters())
     return model_mlx, model, draft
