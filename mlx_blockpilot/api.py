@@ -6,7 +6,7 @@
         print(r.text, end="", flush=True)
 """
 
-from typing import Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import decode
 from .bundle import Bundle
@@ -22,12 +22,18 @@ def chat_prompt(bundle: Bundle, messages: List[Dict[str, str]]) -> List[int]:
     return encode_chat(bundle.tokenizer, messages)
 
 
+def costs_for(bundle: Bundle, refine: bool, progress: Optional[Callable[[str], None]] = None):
+    """This machine's round costs when ``refine`` needs them (it picks widths by expected
+    tokens per second), else None: measured once per machine and bundle, then cached."""
+    if refine and bundle.costs is None:
+        bundle.costs = calibrate(bundle, progress=progress)
+    return bundle.costs if refine else None
+
+
 def _with_bundle(bundle: Bundle, options: dict) -> dict:
     options.setdefault("policy", bundle.policy)
-    if options.get("refine") and options.get("costs") is None:
-        if bundle.costs is None:  # measured once per machine and bundle, then read from its cache
-            bundle.costs = calibrate(bundle)
-        options["costs"] = bundle.costs
+    if options.get("costs") is None:
+        options["costs"] = costs_for(bundle, bool(options.get("refine")))
     return options
 
 

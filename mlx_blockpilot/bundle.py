@@ -5,6 +5,7 @@ The same checks run when a bundle is converted and when anything is loaded.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -89,6 +90,8 @@ class Bundle:
     policy: Any = None
     path: Optional[Path] = None
     costs: Any = None  # this machine's round costs (costs.calibrate), once measured
+    target_dir: Optional[Path] = None  # where the target and the drafter were loaded from
+    draft_dir: Optional[Path] = None
 
     @property
     def default_block_size(self):
@@ -154,7 +157,8 @@ def load(
     if policy is not None:
         pol = load_policy(_need_dir(Path(policy), "policy"))
         check_policy(facts, pol.config)
-    return Bundle(model, tokenizer, drafter, pol, Path(path) if path is not None else None)
+    return Bundle(model, tokenizer, drafter, pol, Path(path) if path is not None else None,
+                  target_dir=Path(target), draft_dir=draft)
 
 
 def read_manifest(path) -> Dict[str, Any]:
@@ -238,14 +242,13 @@ def remove_stale_temporaries(out) -> List[Path]:
     out = Path(out)
     parent = out.absolute().parent
     removed = []
-    prefix = f".{out.name}."
+    # exactly write_bundle's names (".NAME.PID.RANDOM.tmp"): not ".NAME.v2.PID.RANDOM.tmp" of an output "NAME.v2"
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[^.]+\.tmp")
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():
-        if not (p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_dir()):
-            continue
-        owner = p.name[len(prefix) : -len(".tmp")].split(".")[0]
-        if not owner.isdigit() or not _alive(int(owner)):  # no owner recorded: an older version's
+        m = ours.fullmatch(p.name)
+        if m and p.is_dir() and not _alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

@@ -64,12 +64,13 @@ class PromptCache:
         """
         kept = len(inputs)
         if written > kept:
+            linear = not can_trim_prompt_cache(self.target)
+            if linear and replay is None:  # a caller's mistake: checked before any cache is touched
+                raise ValueError("this target's linear-attention layers need the pass's replay to be rewound")
             for c in self.target:
                 if c.is_trimmable():
                     c.trim(written - kept)
-            if not can_trim_prompt_cache(self.target):
-                if replay is None:
-                    raise ValueError("this target's linear-attention layers need the pass's replay to be rewound")
+            if linear:
                 target_model.rewind_linear(self.model, replay, kept)
         self.tokens.extend(inputs)
         if hidden is not None:

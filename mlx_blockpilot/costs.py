@@ -3,8 +3,8 @@ measured by block width and context length, cached beside the bundle.
 
 The per-round controller (``schedule.CostAware``) and the policy's throughput labels turn
 acceptance into tokens per second with these costs. Measuring takes a few seconds: the
-caches are filled with random keys and values to the wanted context length, since what
-attention costs does not depend on what the keys hold. The cached result is keyed by
+caches are filled with placeholder (zero) keys and values to the wanted context length, since
+what attention costs does not depend on what the keys hold. The cached result is keyed by
 machine, bundle and package versions; any change measures again.
 """
 
@@ -57,14 +57,16 @@ class Costs:
 
 
 def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear through ``(xs, ys)``, extended linearly past the ends."""
-    if len(xs) == 1:
+    """Piecewise-linear through ``(xs, ys)``: flat before the first point, extended linearly
+    past the last one but never below it (a noisy measurement must not extrapolate to 0 s)."""
+    if len(xs) == 1 or x <= xs[0]:
         return ys[0]
     i = 1
     while i < len(xs) - 1 and x > xs[i]:
         i += 1
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return max(y, ys[-1]) if x > xs[-1] else y
 
 
 def _fill(caches: List[Any], length: int) -> None:
@@ -167,14 +169,16 @@ def machine_key() -> Dict[str, Any]:
 
 
 def bundle_key(bundle) -> str:
-    """A fingerprint of the bundle's target and drafter (their configs and weight files)."""
+    """A fingerprint of the target and drafter the bundle was loaded from (their configs and
+    weight files: a 4-bit and a bf16 copy of one model differ)."""
     h = hashlib.sha256()
     root = Path(bundle.path) if bundle.path else None
-    for part in ("target", "draft"):
-        folder = root / part if root else None
-        if folder is None or not folder.is_dir():
+    folders = {"target": bundle.target_dir or (root / "target" if root else None),
+               "draft": bundle.draft_dir or (root / "draft" if root else None)}
+    for part, folder in folders.items():
+        if folder is None or not Path(folder).is_dir():
             continue
-        for f in sorted(folder.iterdir()):
+        for f in sorted(Path(folder).iterdir()):
             stat = f.stat()
             h.update(f"{part}/{f.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
     h.update(json.dumps(bundle.draft.config.to_dict(), sort_keys=True).encode())

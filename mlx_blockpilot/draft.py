@@ -21,15 +21,12 @@ from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import target
+from .dtypes import is_int
 from .errors import BlockPilotError
 
 
 # DFlash 2 drafter fields (a convolution and a candidate selector) that this drafter lacks.
 DFLASH2_FIELDS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -67,11 +64,11 @@ class DraftConfig:
 
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "intermediate_size", "vocab_size", "num_target_layers", "block_size", "max_position_embeddings"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "a positive integer")
-        if not _is_int(self.mask_token_id):
+        if not is_int(self.mask_token_id):
             fail("mask_token_id", "an integer")
-        if not isinstance(self.target_layer_ids, (list, tuple)) or not all(_is_int(i) for i in self.target_layer_ids):
+        if not isinstance(self.target_layer_ids, (list, tuple)) or not all(is_int(i) for i in self.target_layer_ids):
             fail("target_layer_ids", "a list of integers")
         for name in ("rms_norm_eps", "rope_theta", "input_embedding_scale", "output_multiplier"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
@@ -79,7 +76,7 @@ class DraftConfig:
         cap = self.final_logit_softcapping
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 0):
             fail("final_logit_softcapping", "a number >= 0 or null")
-        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+        if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window < 1):
             fail("sliding_window", "a positive integer or null")
         if self.is_causal is not None and not isinstance(self.is_causal, bool):
             fail("is_causal", "true, false or null")
@@ -104,7 +101,7 @@ class DraftConfig:
         if not self.target_layer_ids:
             raise BlockPilotError("draft config has an empty target_layer_ids list")
         if self.draft_vocab_size is not None and not (
-            isinstance(self.draft_vocab_size, int) and 1 <= self.draft_vocab_size <= self.vocab_size
+            is_int(self.draft_vocab_size) and 1 <= self.draft_vocab_size <= self.vocab_size
         ):
             raise BlockPilotError(
                 f"draft config draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}], "
@@ -142,7 +139,7 @@ class DraftConfig:
                 merged.pop(key, None)
         if "target_layer_ids" not in merged and "aux_hidden_state_layer_ids" in cfg:
             aux = cfg["aux_hidden_state_layer_ids"]
-            if not isinstance(aux, list) or not all(_is_int(i) for i in aux):
+            if not isinstance(aux, list) or not all(is_int(i) for i in aux):
                 raise BlockPilotError(f"draft config aux_hidden_state_layer_ids must be a list of integers, got {aux!r}")
             merged["target_layer_ids"] = [i - 1 for i in aux]
         names = {f.name for f in fields(cls)}

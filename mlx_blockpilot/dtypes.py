@@ -21,16 +21,22 @@ def check_dtype(name: Optional[str]) -> Optional[mx.Dtype]:
     return DTYPES[name]
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """``DTYPES``' name of ``dtype`` (as configs write it, e.g. ``torch_dtype``)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def check_quantization(bits: Any, group_size: Any, what: str, input_size: Optional[int] = None) -> None:
     """Raise unless ``bits``/``group_size`` is a quantization we write (and, given
     ``input_size``, the group size divides it)."""
-    if not _is_int(bits) or bits not in QUANT_BITS:
+    if not is_int(bits) or bits not in QUANT_BITS:
         raise BlockPilotError(f"{what} quantization bits must be one of {QUANT_BITS}, got {bits!r}")
-    if not _is_int(group_size) or group_size not in QUANT_GROUP_SIZES:
+    if not is_int(group_size) or group_size not in QUANT_GROUP_SIZES:
         raise BlockPilotError(f"{what} quantization group size must be one of {QUANT_GROUP_SIZES}, got {group_size!r}")
     if input_size is not None and input_size % group_size:
         raise BlockPilotError(

@@ -21,7 +21,8 @@ from mlx.utils import tree_flatten
 
 from .bundle import read_manifest
 from .draft import DFlashDraft, save_draft
-from .dtypes import check_dtype
+from . import target
+from .dtypes import check_dtype, dtype_name
 from .errors import BlockPilotError
 
 ENGINES = ("vllm", "sglang")
@@ -37,7 +38,7 @@ class Export:
     block_size: int
     block_size_reason: str
     target: str  # what the server loads as the target: a path or a repo id
-    draft: Path
+    draft: Path  # relative to the export folder
     command: str
 
 
@@ -57,15 +58,8 @@ def write_draft(draft: DFlashDraft, out: Path, dtype) -> None:
     draft = _dequantized(draft)
     _cast(draft, dtype)
     config = draft.config.to_dict()
-    config["torch_dtype"] = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}[dtype]
+    config["torch_dtype"] = dtype_name(dtype)
     save_draft(draft, out, config)
-
-
-def _half_split(w: mx.array, head_dim: int) -> mx.array:
-    """Q/K rows from interleaved-pair RoPE (GGUF's order) to Hugging Face's half-split order."""
-    rows, cols = w.shape
-    w = w.reshape(rows // head_dim, head_dim // 2, 2, cols)
-    return mx.concatenate([w[:, :, 0], w[:, :, 1]], axis=1).reshape(rows, cols)
 
 
 def write_target(bundle_dir: Path, model, out: Path, dtype) -> None:
@@ -86,10 +80,10 @@ def write_target(bundle_dir: Path, model, out: Path, dtype) -> None:
         hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         for name in list(weights):
             if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-                weights[name] = _half_split(weights[name], hd)
+                weights[name] = target.half_split_rows(weights[name], hd)
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
-    config["torch_dtype"] = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}[dtype]
+    config["torch_dtype"] = dtype_name(dtype)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -114,9 +108,13 @@ def recommend_block_size(bundle, prompts: Optional[Sequence[List[int]]]) -> tupl
             picks.append(choose_block_size(bundle.policy, decode.policy_features(bundle.model, bundle.draft, pre.logits,
                                                                                  pre.hidden, kind)))
         counts = Counter(picks)
-        best = max(sorted(counts), key=lambda b: counts[b])
         spread = ", ".join(f"{b}: {n}" for b, n in sorted(counts.items()))
-        return best, f"the policy's most frequent pick over {len(prompts)} prompts ({spread})"
+        drafting = sorted(b for b in counts if b >= 2)  # a speculative server cannot decode plainly
+        if drafting:
+            best = max(drafting, key=lambda b: counts[b])
+            return best, f"the policy's most frequent pick of 2 or more over {len(prompts)} prompts ({spread})"
+        return (bundle.draft.config.block_size,
+                f"the drafter's training block size (the policy chose plain decoding for all {len(prompts)} prompts)")
     return bundle.draft.config.block_size, "the drafter's training block size (no policy or no --prompts to ask it)"
 
 
@@ -134,21 +132,24 @@ def launch_command(engine: str, target_ref: str, draft_dir: Path, block_size: in
 def hf_source(bundle_dir: Path) -> Optional[str]:
     """The target's Hugging Face source (path or repo id) recorded in the manifest, if any."""
     source = (read_manifest(bundle_dir).get("sources") or {}).get("target") or {}
-    if source.get("format") == "hf" and source.get("source"):
-        return str(source["source"])
-    return None
+    if source.get("format") != "hf" or not source.get("source"):
+        return None
+    config = Path(source["source"]) / "config.json"
+    if config.is_file() and "quantization" in json.loads(config.read_text()):
+        return None  # an MLX-quantized folder: GPU engines cannot read it, so the target is written out
+    return str(source["source"])
 
 
 def export(bundle, out: Path, engine: str, dtype: str = "bfloat16",
            prompts: Optional[Sequence[List[int]]] = None) -> Export:
     """Write ``out/draft`` (and ``out/target`` when the bundle has no Hugging Face source),
-    ``out/README.md``, ``out/serve.sh`` and ``out/export.json``; ``out`` must exist."""
+    ``out/README.md``, ``out/serve.sh`` and ``out/export.json``; ``out`` must exist. The
+    bundle's weights are dequantized and cast in place: load it again to generate with it."""
     if engine not in ENGINES:
         raise BlockPilotError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     mx_dtype = check_dtype(dtype)
     bundle_dir = Path(bundle.path)
     block, reason = recommend_block_size(bundle, prompts)
-    block = max(block, 2)
     draft_dir = out / "draft"
     write_draft(bundle.draft, draft_dir, mx_dtype)
     source = hf_source(bundle_dir)
@@ -158,7 +159,7 @@ def export(bundle, out: Path, engine: str, dtype: str = "bfloat16",
     else:
         target_ref = source
     command = launch_command(engine, target_ref, Path("./draft"), block)  # relative: run from the export folder
-    info = Export(engine, block, reason, target_ref, draft_dir, command)
+    info = Export(engine, block, reason, target_ref, Path("draft"), command)
     (out / "serve.sh").write_text(f"#!/usr/bin/env sh\n# {engine}: {reason}\ncd \"$(dirname \"$0\")\"\n"
                                   f"exec {command} \"$@\"\n")
     (out / "serve.sh").chmod(0o755)
@@ -168,6 +169,28 @@ def export(bundle, out: Path, engine: str, dtype: str = "bfloat16",
     }, indent=2) + "\n")
     (out / "README.md").write_text(readme(info, bundle, dtype))
     return info
+
+
+def routing(bundle) -> str:
+    """How to keep the policy's per-prompt pick with one-size servers (only for a bundle with a policy)."""
+    if bundle.policy is None:
+        return ""
+    return f"""A server takes one block size. The BlockPilot policy picks one per prompt; to keep that, run
+servers with different block sizes and route each request by the policy's pick:
+
+```python
+from mlx_blockpilot import chat_prompt, load
+from mlx_blockpilot import decode
+from mlx_blockpilot.cache import make_cache
+from mlx_blockpilot.policy import choose_block_size
+
+bundle = load("{Path(bundle.path).resolve()}")
+ids = chat_prompt(bundle, [{{"role": "user", "content": "..."}}])
+pre = decode.prefill(bundle.model, bundle.draft, make_cache(bundle.model, bundle.draft), ids)
+features = decode.policy_features(bundle.model, bundle.draft, pre.logits, pre.hidden, bundle.policy.config.input_kind)
+block_size = choose_block_size(bundle.policy, features)   # send the request to that server
+```
+"""
 
 
 def readme(info: Export, bundle, dtype: str) -> str:
@@ -192,19 +215,5 @@ Exported from the mlx_blockpilot bundle `{Path(bundle.path).resolve()}`.
 (`serve.sh` runs it from this folder.) vLLM counts the drafted tokens (`num_speculative_tokens` = block size - 1);
 SGLang counts the whole block (`--speculative-num-draft-tokens` = block size).
 
-A server takes one block size. The BlockPilot policy picks one per prompt; to keep that, run
-servers with different block sizes and route each request by the policy's pick:
+{routing(bundle)}"""
 
-```python
-from mlx_blockpilot import chat_prompt, load
-from mlx_blockpilot import decode
-from mlx_blockpilot.cache import make_cache
-from mlx_blockpilot.policy import choose_block_size
-
-bundle = load("{Path(bundle.path).resolve()}")
-ids = chat_prompt(bundle, [{{"role": "user", "content": "..."}}])
-pre = decode.prefill(bundle.model, bundle.draft, make_cache(bundle.model, bundle.draft), ids)
-features = decode.policy_features(bundle.model, bundle.draft, pre.logits, pre.hidden, bundle.policy.config.input_kind)
-block_size = choose_block_size(bundle.policy, features)   # send the request to that server
-```
-"""

@@ -365,7 +365,8 @@ class Handler(BaseHTTPRequestHandler):
 
         A client that stops sending may have closed the connection or only half-closed it
         (it still waits for the answer). Writing ``probe`` (bytes every client ignores)
-        tells them apart: a closed connection answers it with a reset.
+        tells them apart: a closed connection answers it with a reset. Without a probe
+        (empty) a half-closed client is served to the end.
         """
         checked = probed = time.monotonic() - PROBE_EVERY_S
         while True:
@@ -376,7 +377,7 @@ class Handler(BaseHTTPRequestHandler):
             if time.monotonic() - checked >= self.poll_s:
                 checked = time.monotonic()
                 state = peer_state(self.connection)
-                if state == "eof" and checked - probed >= PROBE_EVERY_S:
+                if state == "eof" and probe and checked - probed >= PROBE_EVERY_S:
                     probed = checked
                     try:
                         self.wfile.write(probe)
@@ -439,7 +440,9 @@ class Handler(BaseHTTPRequestHandler):
         req = job.request
         matcher, text, r = StopMatcher(req.stop), [], None
         try:
-            for r in self._events(job, b"HTTP/1.1 100 Continue\r\n\r\n"):
+            # an interim 1xx response every HTTP/1.1 client skips; HTTP/1.0 has none, so no probe
+            probe = b"HTTP/1.1 100 Continue\r\n\r\n" if self.request_version != "HTTP/1.0" else b""
+            for r in self._events(job, probe):
                 text.append(matcher.feed(r.text))
                 if matcher.hit:
                     break

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
+from .dtypes import is_int
 from .errors import BlockPilotError
 
 BlockSize = Union[int, str]
@@ -30,13 +31,9 @@ class OptionError(BlockPilotError):
         self.option = option
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_block_size(value: Any) -> BlockSize:
     """``value`` if it is an integer >= 1 or ``"auto"``; raise otherwise."""
-    if value == AUTO or (_is_int(value) and value >= 1):
+    if value == AUTO or (is_int(value) and value >= 1):
         return value
     raise OptionError("block_size", f"block size must be an integer >= 1 or 'auto', got {value!r}")
 
@@ -56,19 +53,19 @@ class GenerationOptions:
     prefill_step_size: int = PREFILL_STEP_SIZE
 
     def __post_init__(self):
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise OptionError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise OptionError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise OptionError("top_p", f"top-p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise OptionError("top_k", f"top-k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < SEED_RANGE):
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < SEED_RANGE):
             raise OptionError("seed", f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.block_size is not None:
             check_block_size(self.block_size)
-        if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
+        if not is_int(self.prefill_step_size) or self.prefill_step_size < 1:
             raise OptionError("prefill_step_size", f"prefill_step_size must be >= 1, got {self.prefill_step_size!r}")
 
     @classmethod

@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .dtypes import check_quantization
+from .dtypes import check_quantization, is_int
 from .errors import BlockPilotError
 
 ARCHITECTURE = "blockpilot_mlp"
@@ -32,10 +32,6 @@ INPUT_KINDS = ("logits", "hidden")
 OFFICIAL_BLOCK_SIZES = [14, 15, 16, 17, 18]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -75,13 +71,13 @@ class PolicyConfig:
             )
         for name in ("input_size", "hidden_size", "num_layers"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise BlockPilotError(
                     f"policy {name} must be a positive integer, got {value!r}"
                 )
         if not self.block_sizes:
             raise BlockPilotError("policy block_sizes is empty; give at least one block size")
-        bad = [b for b in self.block_sizes if not _is_int(b) or b < 1]
+        bad = [b for b in self.block_sizes if not is_int(b) or b < 1]
         if bad:
             raise BlockPilotError(
                 f"policy block_sizes must be integers >= 1, got {self.block_sizes!r}"

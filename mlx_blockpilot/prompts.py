@@ -155,13 +155,13 @@ def encode_prompt(tokenizer, text: str, chat: bool = True) -> List[int]:
     return list(tokenizer.encode(text))
 
 
-def long_prompt(tokenizer, texts: List[str], tokens: int) -> List[int]:
-    """A chat prompt of about ``tokens`` tokens (at most that many): ``texts`` quoted one after
+def long_prompt(tokenizer, texts: List[str], tokens: int, chat: bool = True) -> List[int]:
+    """A prompt of about ``tokens`` tokens (at most that many): ``texts`` quoted one after
     another, then a question about them; for measuring decoding at long context."""
     head, tail = "Here are messages people sent to an assistant:\n\n", "\n\nWhich of these messages is the most unusual, and why?"
-    ids, used = encode_prompt(tokenizer, head + tail), []
+    ids, used = encode_prompt(tokenizer, head + tail, chat=chat), []
     for text in texts:
-        trial = encode_prompt(tokenizer, head + "\n\n---\n\n".join(used + [text]) + tail)
+        trial = encode_prompt(tokenizer, head + "\n\n---\n\n".join(used + [text]) + tail, chat=chat)
         if len(trial) > tokens:
             break
         used, ids = used + [text], trial

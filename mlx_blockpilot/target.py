@@ -122,7 +122,16 @@ def _inner(model: nn.Module) -> nn.Module:
     return _text(model).model
 
 
-def _args(model: nn.Module):
+def half_split_rows(w: mx.array, head_dim: int) -> mx.array:
+    """Q/K projection rows from interleaved-pair RoPE order (GGUF's; mlx ``traditional=True``)
+    to the half-split order of Hugging Face checkpoints and the drafter."""
+    rows, cols = w.shape
+    w = w.reshape(rows // head_dim, head_dim // 2, 2, cols)
+    return mx.concatenate([w[:, :, 0], w[:, :, 1]], axis=1).reshape(rows, cols)
+
+
+def text_args(model: nn.Module):
+    """The text model's mlx-lm ``ModelArgs`` (sizes, norms, RoPE)."""
     return _text(model).args
 
 
@@ -151,15 +160,15 @@ def num_layers(model: nn.Module) -> int:
 
 
 def hidden_size(model: nn.Module) -> int:
-    return _args(model).hidden_size
+    return text_args(model).hidden_size
 
 
 def vocab_size(model: nn.Module) -> int:
-    return _args(model).vocab_size
+    return text_args(model).vocab_size
 
 
 def max_context(model: nn.Module) -> Optional[int]:
-    return getattr(_args(model), "max_position_embeddings", None)
+    return getattr(text_args(model), "max_position_embeddings", None)
 
 
 def embed(model: nn.Module, tokens: mx.array) -> mx.array:

@@ -99,7 +99,8 @@ def test_target_without_drafter_is_a_clear_error(prompts_txt, tmp_path, capsys):
     "extra, match",
     [(["--repeats", "0"], "--repeats"), (["--block-sizes", "0"], "block sizes"), (["--profile", "auto"], "--profile"),
      (["--out", "/proc/1/bench-out"], "cannot write into"), (["--temp", "nan"], "temperature"),
-     (["--limit", "0"], "limit must be >= 1")],
+     (["--limit", "0"], "limit must be >= 1"), (["--context-lengths", "2048-4096"], "token counts"),
+     (["--prompts", "chat=x.txt", "--prompts", "chat=y.txt"], "categories must differ")],
 )
 def test_bad_arguments(prompts_txt, tmp_path, capsys, extra, match):
     assert bench_main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o"), *extra]) == 2

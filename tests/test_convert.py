@@ -389,9 +389,12 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next(llama, tmp_path):
     # somebody else's live conversion of the same output is left alone
     live = tmp_path / f".bundle.{os.getpid()}.abc.tmp"
     live.mkdir()
+    # and so is a temporary of another output whose name starts the same ("bundle.v2"), whatever its owner
+    other = tmp_path / f".bundle.v2.{proc.pid}.abc.tmp"
+    other.mkdir()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.glob(".bundle.*.tmp")) == [live.name]
+    assert sorted(p.name for p in tmp_path.glob(".bundle.*.tmp")) == sorted([live.name, other.name])
     assert (out / "blockpilot.json").is_file()
 
 

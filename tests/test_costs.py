@@ -27,6 +27,9 @@ def test_costs_interpolate_and_extrapolate():
     assert c.round_s(3, 100) == pytest.approx(1.4 + 0.15)
     assert c.round_s(2, 600) == pytest.approx(1.8 + 0.2)
     assert c.round_s(8, 100) == pytest.approx(2.4 + 0.4)  # past the widths measured: linear
+    assert c.round_s(2, 10) == c.round_s(2, 100)  # before the first context measured: flat
+    noisy = Costs([1], [256, 2048], [[1.0], [0.6]], [[0.0], [0.0]])  # a noisy long-context sample
+    assert noisy.round_s(1, 100000) == pytest.approx(0.6)  # never extrapolated down to 0 s
     assert Costs.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 

@@ -5,6 +5,7 @@ our own loader and the official DFlash MLX loader read them back.
 """
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -18,7 +19,7 @@ from mlx_blockpilot.decode import generate
 from mlx_blockpilot.demo import find_gguf
 from mlx_blockpilot.draft import load_draft
 from mlx_blockpilot.errors import BlockPilotError
-from mlx_blockpilot.exporter import launch_command
+from mlx_blockpilot.exporter import Export, launch_command
 
 ZLAB_KEYS = {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
              "layers.0.self_attn.q_norm.weight", "layers.0.mlp.gate_proj.weight", "layers.0.input_layernorm.weight"}
@@ -133,3 +134,13 @@ def test_block_size_one_is_not_a_server():
         launch_command("vllm", "t", "d", 1)
     assert "--speculative-num-draft-tokens 4" in launch_command("sglang", "t", "d", 4)
     assert '"num_speculative_tokens": 3' in launch_command("vllm", "t", "d", 4)
+
+
+def test_recommended_block_size_skips_plain_decoding_picks(bundle_dir):
+    from mlx_blockpilot.exporter import readme, recommend_block_size, routing
+
+    bundle = load(bundle_dir)
+    assert bundle.policy is None and routing(bundle) == ""  # no policy: no routing recipe that needs one
+    block, reason = recommend_block_size(bundle, [make_prompt(9, seed=1)])
+    assert block == bundle.draft.config.block_size and "no policy" in reason
+    assert "route each request" not in readme(Export("vllm", block, reason, "t", Path("draft"), "cmd"), bundle, "bfloat16")

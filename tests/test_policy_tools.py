@@ -214,6 +214,7 @@ def test_train_policy_bad_inputs(tmp_path, capsys, qwen3):
         (["--sweep", str(tmp_path / "absent.jsonl")], "does not exist"),
         (["--sweep", str(full), "--hidden-size", "0"], "hidden_size must be a positive integer"),
         (["--sweep", str(full), "--q-bits", "8"], "not a multiple of the quantization group size 64"),
+        (["--sweep", str(full), "--objective", "acceptance", "--costs", str(full)], "--costs turns acceptance into tokens/s"),
     ]
     for args, msg in cases:
         out = ["--out", str(tmp_path / "p")] if "--out" not in args else []

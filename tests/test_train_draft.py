@@ -307,6 +307,12 @@ def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_pat
     capsys.readouterr()
     assert _cli(llama, pf, tmp_path / "bad", 2, "--init-from", str(tmp_path / "missing")) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    # data captured at other target layers is refused, not trained on
+    assert _cli(llama, pf, tmp_path / "other", 2, "--data", str(first / "data"), "--target-layer-ids", "0", "1") == 2
+    assert "captured at target layers" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    # an error found after distillation keeps what distillation wrote (it can take hours)
+    assert _cli(llama, pf, tmp_path / "late", 2, "--val-sequences", "50") == 2
+    assert "--val-sequences 50 leaves no sequence" in capsys.readouterr().err and (tmp_path / "late" / "data").is_dir()
 
 
 @pytest.mark.parametrize(
@@ -318,6 +324,8 @@ def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_pat
         (["--block-size", "0"], "--block-size must be >= 2"),
         (["--mask-token-id", "-1"], "--mask-token-id -1 is outside the vocabulary"),
         (["--draft-vocab", "0"], "--draft-vocab must be in"),
+        (["--val-sequences", "-1"], "--val-sequences must be >= 0"),
+        (["--eval-block-size", "1"], "--eval-block-size must be >= 2"),
         (["--out", "/proc/1/draft-out"], "cannot write into"),
     ],
 )

@@ -99,8 +99,10 @@ def by_category(per_prompt, names, categories, prompt_lengths) -> Dict[str, Any]
             tps = [per_prompt[name][i]["decode_tokens_per_s"] for i in idx]
             if any(t is None for t in tps):
                 continue
-            rows[name] = {"decode_tokens_per_s": mean_of(tps), "speedup": mean_of(tps) / mean_of(base),
-                          "worst_prompt_ratio": min(t / b for t, b in zip(tps, base) if b)}
+            ratios = [t / b for t, b in zip(tps, base) if b]
+            rows[name] = {"decode_tokens_per_s": mean_of(tps),
+                          "speedup": mean_of(tps) / mean_of(base) if mean_of(base) else None,
+                          "worst_prompt_ratio": min(ratios, default=None)}
         out[cat] = {"prompts": len(idx), "mean_prompt_tokens": mean_of([prompt_lengths[i] for i in idx]), "rows": rows}
     return out
 
@@ -140,7 +142,8 @@ def markdown(results: Dict[str, Any]) -> str:
             cells = []
             for c in cats.values():
                 r = c["rows"].get(name)
-                cells.append(f"{r['speedup']:.2f}x (worst {r['worst_prompt_ratio']:.2f})" if r else "")
+                cells.append(f"{_fmt(r['speedup'], '.2f')}x (worst {_fmt(r['worst_prompt_ratio'], '.2f')})"
+                             if r and r["speedup"] is not None else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if results.get("calibration"):
         lines += ["", "Calibrated round cost against the measured one (fixed-size runs; 1.00 = exact):", "",
@@ -212,7 +215,10 @@ def plot(results: Dict[str, Any], out: Path) -> List[Path]:
         for name in next(iter(cats.values()))["rows"]:
             if name == "mlx-lm" or name.startswith("engine"):
                 continue
-            pts = [(v["mean_prompt_tokens"], v["rows"][name]["speedup"]) for v in cats.values() if name in v["rows"]]
+            pts = [(v["mean_prompt_tokens"], v["rows"][name]["speedup"]) for v in cats.values()
+                   if name in v["rows"] and v["rows"][name]["speedup"] is not None]
+            if not pts:
+                continue
             ax.plot(*zip(*sorted(pts)), "o-", label=name)
         ax.axhline(1.0, color="tab:gray", lw=1, label="mlx-lm")
         ax.set_xscale("log")

@@ -185,9 +185,9 @@ def run_benchmark(
     from tqdm import tqdm
 
     model, draft, tok = bundle.model, bundle.draft, bundle.tokenizer
-    greedy = temperature == 0
     eos = set(tok.eos_token_ids)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    greedy = GenerationOptions(**opts).greedy
     engine_sizes = [b for b in block_sizes if b > 1] if (engine and greedy) else []
     dflash_sizes = list(dflash_block_sizes) if official is not None else []
     vocab = target.vocab_size(model)

@@ -20,6 +20,7 @@ from .common import (
     options_from_args,
     parser,
     run,
+    token_counts_arg,
 )
 
 
@@ -28,7 +29,7 @@ def build_parser():
     add_model_args(p)
     p.add_argument("--prompts", required=True, action="append",
                    help="[CATEGORY=]SOURCE: .txt, .jsonl, ShareGPT .json, sharegpt or humaneval; repeat for categories")
-    p.add_argument("--context-lengths", type=block_sizes_arg, default=[],
+    p.add_argument("--context-lengths", type=token_counts_arg, default=[],
                    help="also prompts of about these many tokens built from the first source, e.g. 2048,4096,8000")
     p.add_argument("--control", action="store_true",
                    help="add the per-round controller's rows (calibrates this machine first if needed)")
@@ -54,6 +55,14 @@ def model_dirs(args):
     return Path(args.target), Path(args.draft)
 
 
+def prompt_source(spec: str):
+    """``[CATEGORY=]SOURCE`` as ``(category, source)``; a source path that holds ``=`` stays whole."""
+    name, sep, src = spec.partition("=")
+    if not sep or Path(spec).exists() or not name or "/" in name:
+        return "prompts", spec
+    return name, src
+
+
 def _bench(args, argv) -> int:
     if args.repeats < 1 or args.max_tokens < 2:
         raise BlockPilotError("--repeats must be >= 1 and --max-tokens >= 2")
@@ -62,7 +71,10 @@ def _bench(args, argv) -> int:
     if args.profile is not None and (not isinstance(args.profile, int) or args.profile < 1):
         raise BlockPilotError("--profile takes a fixed block size >= 1")
     options_from_args(args)  # sampling values checked before anything loads
-    sources = [spec.split("=", 1) if "=" in spec else ["prompts", spec] for spec in args.prompts]
+    sources = [prompt_source(spec) for spec in args.prompts]
+    names = [name for name, _ in sources]
+    if len(set(names)) < len(names):
+        raise BlockPilotError(f"--prompts categories must differ, got {names}; name each source: --prompts NAME=SOURCE")
     texts = {name: load_prompts(src, limit=args.limit) for name, src in sources}
     with output_dir(args.out, "--out"):  # checked before the benchmark, not after it
         return _bench_into(args, argv, sources, texts)
@@ -78,7 +90,7 @@ def _bench_into(args, argv, sources, texts) -> int:
     if args.context_lengths:
         pool = load_prompts(sources[0][1])
         for n in args.context_lengths:
-            prompts.append(long_prompt(bundle.tokenizer, pool, n))
+            prompts.append(long_prompt(bundle.tokenizer, pool, n, chat=not args.no_chat_template))
             categories.append(f"{n} tokens")
     costs = None
     if args.control:

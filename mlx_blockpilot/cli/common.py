@@ -8,7 +8,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..errors import BlockPilotError
 from ..options import AUTO, DEFAULT_MAX_TOKENS, GenerationOptions, OptionError
@@ -76,16 +76,17 @@ def check_writable(directory, flag: str) -> Path:
 
 
 @contextmanager
-def output_dir(directory, flag: str) -> Iterator[Path]:
-    """``check_writable(directory)`` for a command's output; if the command fails with bad
-    input and the directory did not exist before, it is removed again (nothing half-written)."""
+def output_dir(directory, flag: str, keep: Sequence[str] = ()) -> Iterator[Path]:
+    """``check_writable(directory)`` for a command's output; if the command stops with a
+    ``BlockPilotError`` and the directory did not exist before, it is removed again (nothing
+    half-written), unless it already holds work worth keeping (any of the names in ``keep``)."""
     directory = Path(directory)
     existed = directory.exists()
     check_writable(directory, flag)
     try:
         yield directory
     except BlockPilotError:
-        if not existed:
+        if not existed and not any((directory / name).exists() for name in keep):
             shutil.rmtree(directory, ignore_errors=True)
         raise
 
@@ -139,6 +140,17 @@ def block_sizes_arg(spec: str) -> List[int]:
         return parse_block_sizes(spec)
     except BlockPilotError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def token_counts_arg(spec: str) -> List[int]:
+    """A comma-separated list of token counts >= 1, e.g. ``2048,4096,8000`` (no ranges)."""
+    try:
+        counts = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts such as 2048,4096,8000, got {spec!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {spec!r}")
+    return counts
 
 
 # ----------------------------------------------------------------------------- shared flags
@@ -208,10 +220,9 @@ def load_from_args(args):
 def calibrate_if_needed(bundle, options: GenerationOptions) -> None:
     """Measure this machine's round costs now, with progress lines, if the options need them
     and no calibration is cached (``refine`` picks widths by expected tokens per second)."""
-    if options.refine and bundle.costs is None:
-        from ..costs import calibrate
+    from ..api import costs_for
 
-        bundle.costs = calibrate(bundle, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    costs_for(bundle, options.refine, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def check_auto(options: GenerationOptions, bundle) -> None:

@@ -12,6 +12,7 @@ from ..prompts import encode_prompt, load_prompts
 from ..training import distill
 from ..training.draft_trainer import (
     acceptance,
+    check_shape,
     default_layer_ids,
     default_mask_id,
     init_draft,
@@ -71,25 +72,28 @@ def build_parser():
                    help="distilled sequences kept out of training for a teacher-forced acceptance estimate")
     p.add_argument("--eval-block-sizes", type=lambda v: [] if v in ("", "none") else block_sizes_arg(v), default=[4, 8, 16],
                    help="final held-out report, e.g. 4,8 (none to skip)")
-    p.add_argument("--data-tokens", default=None,
-                   help="train on the sequences of this token file (features rebuilt by prefill) instead of "
-                        "generating answers; --prompts then only gives the held-out prompts")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data-tokens", default=None,
+                      help="train on the sequences of this token file (features rebuilt by prefill) instead of "
+                           "generating answers; --prompts then only gives the held-out prompts")
     p.add_argument("--export-tokens", default=None, help="also write the distilled sequences as a token file")
-    p.add_argument("--data", default=None,
-                   help="train on the distilled data in this folder as it is (an earlier run's OUT/data); "
-                        "--prompts then only gives the held-out prompts")
+    data.add_argument("--data", default=None,
+                      help="train on the distilled data in this folder as it is (an earlier run's OUT/data); "
+                           "--prompts then only gives the held-out prompts")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def _train_draft(args) -> int:
-    for name, v in (("--holdout", args.holdout), ("--batch", args.batch), ("--blocks-per-seq", args.blocks_per_seq),
-                    ("--gen-batch", args.gen_batch), ("--max-new-tokens", args.max_new_tokens)):
-        if v < (0 if name == "--holdout" else 1):
-            raise BlockPilotError(f"{name} must be >= {0 if name == '--holdout' else 1}, got {v}")
-    if args.block_size < 2 or args.layers < 1:
-        raise BlockPilotError(f"--block-size must be >= 2 and --layers >= 1, got {args.block_size} and {args.layers}")
-    with output_dir(args.out, "--out") as out:  # a run that fails on bad input leaves no new --out behind
+    minimum = {"--holdout": 0, "--val-sequences": 0, "--batch": 1, "--blocks-per-seq": 1, "--gen-batch": 1,
+               "--max-new-tokens": 1, "--eval-prompts": 1, "--eval-block-size": 2}
+    for name, low in minimum.items():
+        v = getattr(args, name[2:].replace("-", "_"))
+        if v is not None and v < low:
+            raise BlockPilotError(f"{name} must be >= {low}, got {v}")
+    check_shape(args.layers, args.block_size)
+    # a run that stops on bad input leaves no new --out behind, unless distillation already filled it
+    with output_dir(args.out, "--out", keep=("data", "checkpoint")) as out:
         return _train_into(args, out)
 
 
@@ -111,8 +115,12 @@ def _train_into(args, out: Path) -> int:
     tic = time.perf_counter()
     gen = {"prompts": 0, "tokens": 0, "answer_tokens": 0}
     if args.data:
-        if distill.read_meta(data_dir) is None:
+        meta = distill.read_meta(data_dir)
+        if meta is None:
             raise BlockPilotError(f"--data {data_dir} holds no distilled data (no {distill.META})")
+        if meta["target_layer_ids"] != list(layer_ids):
+            raise BlockPilotError(f"--data {data_dir} was captured at target layers {meta['target_layer_ids']}, "
+                                  f"not {list(layer_ids)}; pass --target-layer-ids {' '.join(map(str, meta['target_layer_ids']))}")
         stream, bar = iter(()), tqdm(total=0, disable=True)
     elif args.data_tokens:
         sequences = distill.read_token_file(args.data_tokens)

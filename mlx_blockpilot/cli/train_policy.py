@@ -53,6 +53,8 @@ def _train_policy(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise BlockPilotError(f"--out {out} exists and is not empty (a bundle?); pass --force to write into it")
     costs = None
+    if args.costs and args.objective != "throughput":
+        raise BlockPilotError("--costs turns acceptance into tokens/s for --objective throughput; drop it or use that objective")
     if args.costs:
         from ..costs import read_costs
 

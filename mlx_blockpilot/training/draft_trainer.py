@@ -61,6 +61,14 @@ def default_mask_id(tokenizer) -> int:
     return next(i for i in range(len(eos) + 1) if i not in eos)
 
 
+def check_shape(num_layers: int, block_size: int) -> None:
+    """A drafter needs a layer and a block of at least the anchor and one draft."""
+    if block_size < 2:
+        raise BlockPilotError(f"--block-size must be >= 2 (the anchor and a draft), got {block_size}")
+    if num_layers < 1:
+        raise BlockPilotError(f"--layers must be >= 1, got {num_layers}")
+
+
 def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: int, mask_id: int,
                 causal: Optional[bool] = None, draft_vocab_size: Optional[int] = None) -> DraftConfig:
     """A drafter shaped like the target's layers (so they can initialise it).
@@ -68,14 +76,13 @@ def make_config(model, num_layers: int, layer_ids: Sequence[int], block_size: in
     ``causal`` makes attention inside a block causal, so a block of any size up to
     ``block_size`` sees exactly what its prefix saw in training; ``draft_vocab_size``
     restricts the head to that many target tokens (``select_draft_vocab``)."""
-    a = model.args
+    a = target.text_args(model)
     heads = a.num_attention_heads
     n_target = target.num_layers(model)
     bad = [i for i in layer_ids if not 0 <= i < n_target]
     if bad:
         raise BlockPilotError(f"--target-layer-ids {bad} are outside the target's layers 0..{n_target - 1}")
-    if num_layers < 1 or block_size < 2:
-        raise BlockPilotError("--layers must be >= 1 and --block-size >= 2")
+    check_shape(num_layers, block_size)
     if not 0 <= mask_id < a.vocab_size:
         raise BlockPilotError(f"--mask-token-id {mask_id} is outside the vocabulary 0..{a.vocab_size - 1}")
     if draft_vocab_size is not None and not 1 <= draft_vocab_size <= a.vocab_size:
@@ -137,13 +144,6 @@ def warm_start(draft: DFlashDraft, path) -> None:
     mx.eval(draft.parameters())
 
 
-def _half_split(w: mx.array, head_dim: int) -> mx.array:
-    """Reorder Q/K rows from interleaved-pair RoPE to the drafter's half-split RoPE."""
-    out, d = w.shape
-    w = w.reshape(out // head_dim, head_dim // 2, 2, d)
-    return mx.concatenate([w[:, :, 0], w[:, :, 1]], axis=1).reshape(out, d)
-
-
 def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
     """A drafter whose layers start as copies of the target's last layers and whose
     final norm is the target's (the shared head expects its scale and signs).
@@ -154,15 +154,22 @@ def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
     draft = DFlashDraft(cfg)
     layers = target.layers(model)
     n = len(layers)
-    traditional = getattr(getattr(layers[0].self_attn, "rope", None), "traditional", False)
+    traditional = getattr(getattr(getattr(layers[-1], "self_attn", None), "rope", None), "traditional", False)
     weights = []
+    mine = {k for k, _ in tree_flatten(draft.layers[0].parameters())}
     for i in range(cfg.num_hidden_layers):
         src = dict(tree_flatten(layers[n - cfg.num_hidden_layers + i].parameters()))
         if any(k.endswith(".scales") for k in src):
             raise BlockPilotError("cannot initialise the drafter from a quantized target; convert it to float")
+        theirs = {k for k in src if not k.startswith("self_attn.rope")}
+        if theirs - mine:  # a Llama layer lacks the q/k norms (they keep their init); nothing may be left over
+            raise BlockPilotError(
+                f"the target's layer {n - cfg.num_hidden_layers + i} ({target.model_type(model)}) is not shaped like a "
+                f"drafter layer, so it cannot initialise one (it has {sorted(theirs - mine)[:3]}...); "
+                "train a drafter for a Llama/Mistral/Qwen2/Qwen3-style target")
         for name, value in src.items():
             if name.startswith("self_attn.") and name.split(".")[1] in ("q_proj", "k_proj") and traditional:
-                value = _half_split(value, cfg.head_dim)
+                value = target.half_split_rows(value, cfg.head_dim)
             if name.startswith("self_attn.rope"):
                 continue
             weights.append((f"layers.{i}.{name}", value.astype(mx.float32)))
@@ -276,7 +283,8 @@ def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.arra
     if head is None:
         logits = draft.head(model, h)
     elif "candidates" in targets:
-        logits = draft.finish_logits(h @ head[targets["candidates"]].T + targets["correction"])
+        # the sampled-softmax log-count correction applies to the final logits (after any soft-cap)
+        logits = draft.finish_logits(h @ head[targets["candidates"]].T) + targets["correction"]
     else:
         logits = draft.finish_logits(h @ head.T)
     logits = logits.astype(mx.float32)
@@ -464,7 +472,8 @@ def train(
     the one for ``steps``), for splitting a run across sessions with ``resume``.
     Every ``eval_every`` steps the log gets the teacher-forced acceptance on
     ``val_examples`` and real greedy decoding's on ``eval_prompts`` (at ``eval_block_size``,
-    default the training size), each with the training CPU hours spent so far."""
+    default the training size), each with the CPU hours spent so far (training steps and
+    these evaluations: what the run cost)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -483,6 +492,13 @@ def train(
     )
     opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
     opt.init(draft.trainable_parameters())
+    cpu_s = 0.0
+    if resume:
+        start, scale = load_checkpoint(out, draft, opt)  # restores the vocabulary table (d2t) too
+        cpu_s = checkpoint_state(out).get("train_cpu_s", 0.0)
+    else:
+        start, scale = 0, feature_scale(examples)
+        draft.fc.weight = draft.fc.weight * scale
     head, to_draft = target.head_weight(model), None
     if cfg.draft_vocab_size is not None:
         if head is None:
@@ -491,13 +507,6 @@ def train(
         head = head[mx.array(ids)]
         to_draft = np.full(cfg.vocab_size, -1, np.int64)
         to_draft[ids] = np.arange(len(ids))
-    cpu_s = 0.0
-    if resume:
-        start, scale = load_checkpoint(out, draft, opt)
-        cpu_s = checkpoint_state(out).get("train_cpu_s", 0.0)
-    else:
-        start, scale = 0, feature_scale(examples)
-        draft.fc.weight = draft.fc.weight * scale
     inv_scale = np.array(1.0 / scale)
     log_path = out / LOG
     records = [r for r in read_log(log_path) if r["step"] <= start] if resume else []
