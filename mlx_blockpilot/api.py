@@ -12,6 +12,7 @@ from . import decode
 from .bundle import Bundle
 from .costs import calibrate
 from .decode import GenerationResponse
+from .options import GenerationOptions
 from .prompts import encode_chat
 
 Prompt = Union[str, Sequence[int]]
@@ -33,7 +34,9 @@ def costs_for(bundle: Bundle, refine: bool, progress: Optional[Callable[[str], N
 def _with_bundle(bundle: Bundle, options: dict) -> dict:
     options.setdefault("policy", bundle.policy)
     if options.get("costs") is None:
-        options["costs"] = costs_for(bundle, bool(options.get("refine")))
+        fields = {k: v for k, v in options.items() if k in GenerationOptions.__dataclass_fields__}
+        resolved = GenerationOptions.from_kwargs(**fields).resolve(bundle.draft.config.block_size, options["policy"])
+        options["costs"] = costs_for(bundle, resolved.refine)
     return options
 
 
@@ -41,8 +44,9 @@ def stream_generate(bundle: Bundle, prompt: Prompt, **options):
     """Yield a ``GenerationResponse`` per round; ``options`` are ``GenerationOptions`` fields,
     ``prompt_cache`` (``make_cache(bundle.model, bundle.draft)``) and ``policy``. ``block_size``
     defaults to ``"auto"`` (the policy) when the bundle has one, otherwise to the drafter's
-    training block size. With ``refine=True`` each round's width maximises expected tokens per
-    second from this machine's calibrated costs (measured at first use, a few seconds)."""
+    training block size. With ``refine`` (the default with ``"auto"``) each round's width
+    maximises expected tokens per second from this machine's calibrated costs (measured at
+    first use, a few seconds, then cached beside the bundle)."""
     return decode.stream_generate(bundle.model, bundle.draft, bundle.tokenizer, prompt, **_with_bundle(bundle, options))
 
 

@@ -41,7 +41,9 @@ def check_block_size(value: Any) -> BlockSize:
 @dataclass(frozen=True)
 class GenerationOptions:
     """How to generate. ``block_size=None`` means the bundle's default (``"auto"`` with a
-    policy, else the drafter's training block size); see ``resolve``."""
+    policy, else the drafter's training block size); ``refine=None`` means on with
+    ``"auto"`` (each round's width from measured costs, see ``schedule.CostAware``) and off
+    with a fixed size; see ``resolve``."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
@@ -49,7 +51,7 @@ class GenerationOptions:
     top_k: int = 0
     seed: Optional[int] = None
     block_size: Optional[BlockSize] = None
-    refine: bool = False
+    refine: Optional[bool] = None
     prefill_step_size: int = PREFILL_STEP_SIZE
 
     def __post_init__(self):
@@ -83,14 +85,16 @@ class GenerationOptions:
         return self.temperature < GREEDY_BELOW
 
     def resolve(self, draft_block_size: int, policy) -> "GenerationOptions":
-        """These options with ``block_size`` decided: the default is ``"auto"`` when there is
-        a policy, else ``draft_block_size``; ``"auto"`` without a policy is an error."""
+        """These options with ``block_size`` and ``refine`` decided: the default block size
+        is ``"auto"`` when there is a policy, else ``draft_block_size`` (``"auto"`` without a
+        policy is an error); ``refine`` defaults to on with ``"auto"``, off otherwise."""
         block_size = self.block_size
         if block_size is None:
             block_size = AUTO if policy is not None else draft_block_size
         if block_size == AUTO and policy is None:
             raise OptionError("block_size", "block size 'auto' needs a policy; pass --block-size N or a bundle with a policy")
-        return replace(self, block_size=block_size)
+        refine = self.refine if self.refine is not None else block_size == AUTO
+        return replace(self, block_size=block_size, refine=bool(refine))
 
 
 def check_prompt_length(prompt_tokens: int, context: Optional[int]) -> None:

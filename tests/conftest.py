@@ -27,6 +27,20 @@ class Tiny:
         self.draft = load_draft(self.draft_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Calibrations and demo bundles go to a session folder, never the user's cache."""
+    import os
+
+    old = os.environ.get("MLX_BLOCKPILOT_CACHE")
+    os.environ["MLX_BLOCKPILOT_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MLX_BLOCKPILOT_CACHE", None)
+    else:
+        os.environ["MLX_BLOCKPILOT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

@@ -14,6 +14,7 @@ from mlx_blockpilot import generate, load
 from mlx_blockpilot.bench.drafters import ScriptedDraft
 from mlx_blockpilot.cli.common import parse_block_sizes
 from mlx_blockpilot.cli.sweep import main as sweep_main
+from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.cli.train_policy import main as train_main
 from mlx_blockpilot.decode import generate as decode_generate
 from mlx_blockpilot.errors import BlockPilotError
@@ -235,7 +236,8 @@ def test_train_policy_bad_inputs(tmp_path, capsys, qwen3):
 # End to end: sweep -> train -> generate with block_size="auto"
 
 
-def test_trained_policy_in_the_engine_is_lossless(qwen3, tmp_path):
+def test_trained_policy_in_the_engine_is_lossless(qwen3, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_BLOCKPILOT_CACHE", str(tmp_path / "cache"))  # where 'auto' caches its calibration
     out = tmp_path / "sweep.jsonl"
     sweep(qwen3.model, qwen3.draft, qwen3.tokenizer, PROMPTS, [2, 4], out, max_tokens=6, progress=False)
     pol = tmp_path / "policy"
@@ -246,14 +248,18 @@ def test_trained_policy_in_the_engine_is_lossless(qwen3, tmp_path):
     eos = set(qwen3.tokenizer.eos_token_ids)
     for text in PROMPTS[:2] + ["an unseen prompt about foxes"]:
         toks = chat_tokens(qwen3.tokenizer, text)
-        r = generate(bundle, toks, max_tokens=20)
+        r = generate(bundle, toks, max_tokens=20, refine=False)
         assert r.tokens == reference(qwen3.model, toks, max_tokens=20, eos=eos)
         expected = choose_block_size(bundle.policy, qwen3.model(mx.array(toks)[None])[0, -1])
         assert r.block_size == expected and r.block_size in (2, 4)
         assert r.policy_s > 0
-        refined = generate(bundle, toks, max_tokens=20, refine=True)
+        refined = generate(bundle, toks, max_tokens=20)  # 'auto' refines by default, from calibrated costs
         assert refined.tokens == r.tokens and refined.block_size == r.block_size
-        assert all(1 <= a <= 4 for a in refined.acceptance_lengths)
+        assert all(1 <= a <= 8 for a in refined.acceptance_lengths)
+    assert bundle.costs is not None and list((tmp_path / "cache" / "calibration").glob("*.json"))
+    assert GenerationOptions(block_size=4).resolve(16, None).refine is False
+    assert GenerationOptions().resolve(16, bundle.policy).refine is True
+    assert GenerationOptions(refine=False).resolve(16, bundle.policy).refine is False
 
 
 # ---------------------------------------------------------------------------

@@ -176,7 +176,9 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = DEFAULT_MAX_
     if block_size:
         p.add_argument("--block-size", type=block_size_arg, default=None,
                        help="N >= 1 or 'auto' (the policy; the default when the model has one)")
-        p.add_argument("--refine", action="store_true", help="move the block size round by round (lossless)")
+        p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                       help="pick each round's width from this machine's measured costs (lossless; "
+                            "default: on with --block-size auto, off with a fixed size)")
 
 
 def add_limit_arg(p: argparse.ArgumentParser) -> None:
@@ -188,8 +190,8 @@ def options_from_args(args, **overrides) -> GenerationOptions:
     kw = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if getattr(args, "block_size", None) is not None:
         kw["block_size"] = args.block_size
-    if getattr(args, "refine", False):
-        kw["refine"] = True
+    if getattr(args, "refine", None) is not None:
+        kw["refine"] = args.refine
     kw.update(overrides)
     return GenerationOptions(**kw)
 
@@ -222,7 +224,8 @@ def calibrate_if_needed(bundle, options: GenerationOptions) -> None:
     and no calibration is cached (``refine`` picks widths by expected tokens per second)."""
     from ..api import costs_for
 
-    costs_for(bundle, options.refine, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    refine = options.resolve(bundle.draft.config.block_size, bundle.policy).refine
+    costs_for(bundle, refine, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def check_auto(options: GenerationOptions, bundle) -> None:

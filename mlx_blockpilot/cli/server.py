@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ..errors import BlockPilotError
 from ..openai_server import make_server
-from .common import add_model_args, fail, load_from_args, parser
+from ..options import GenerationOptions
+from .common import add_model_args, calibrate_if_needed, fail, load_from_args, parser
 
 
 def build_parser():
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
         if not 0 <= args.port <= 65535:
             raise BlockPilotError(f"--port must be in 0..65535 (0 picks a free one), got {args.port}")
         bundle = load_from_args(args)
+        calibrate_if_needed(bundle, GenerationOptions())  # now, not inside the first request
         name = args.model_name or Path(args.model or args.target).resolve().name
         server = make_server(bundle, args.host, args.port, args.max_queue, name, args.verbose)
     except BlockPilotError as e:
