@@ -63,6 +63,8 @@ def test_distill_stops_at_eos_and_resumes(qwen3, tmp_path):
     assert answer == ref[: ref.index(eos) + 1]
     with pytest.raises(Exception, match="target layers"):
         list(distill(qwen3.model, ps, tmp_path, (0,), 12))
+    with pytest.raises(BlockPilotError, match="other prompts"):  # "done" indices would point at other prompts
+        list(distill(qwen3.model, ps[::-1], tmp_path, LAYERS, 12, batch_size=3, eos=[eos]))
 
 
 def _examples(tiny, n=3, length=40, seed=0):

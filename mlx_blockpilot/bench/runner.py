@@ -6,8 +6,10 @@ machine noise hits all rows alike:
 - ``mlx-lm``: the target alone with ``mlx_lm.stream_generate`` (the baseline);
 - ``ours B=N``: our speculative decoding at each fixed block size, ``ours auto``
   with the bundle's policy (its time and share of prefill are reported),
-  ``ours auto+refine`` the same with per-round refinement, and ``oracle``: the best
-  fixed size per prompt (from the same runs);
+  ``ours auto+refine`` the same with the cost-blind per-round rule (``schedule.Refine``), and
+  ``oracle``: the best fixed size per prompt (from the same runs); with calibrated costs,
+  ``ours control`` (the per-round controller from B=2) and ``ours auto+control`` (from the
+  policy's pick: what ``auto`` does by default) replace ``auto+refine``;
 - ``dflash B=N``: the official ``dflash.model_mlx.stream_generate`` (when
   installed) on its own copy of the target, checked to give our tokens at T=0;
 - ``engine B=N``: our loop with a drafter that pays the real drafter's cost but
@@ -194,8 +196,8 @@ def run_benchmark(
 
     configs: List[tuple] = [("mlx-lm", None)]
     configs += [(f"ours B={b}", b) for b in block_sizes]
-    if bundle.policy is not None:
-        configs += [("ours auto", "auto"), ("ours auto+refine", "auto")]
+    if bundle.policy is not None:  # with costs, the controller replaces the cost-blind refinement rule
+        configs += [("ours auto", "auto")] + ([("ours auto+refine", "auto")] if costs is None else [])
     if costs is not None:
         configs += [("ours control", 2)] + ([("ours auto+control", "auto")] if bundle.policy is not None else [])
     configs += [(f"dflash B={b}", b) for b in dflash_sizes]

@@ -14,6 +14,7 @@ sequences alone (``write_token_file``); ``featurize`` rebuilds their features.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
@@ -136,12 +137,20 @@ def _start(root, layer_ids: Sequence[int], lengths: Sequence[int]):
     """(root, meta, indices still to do, shortest first) of a data folder, made if new."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    lengths = [int(n) for n in lengths]
     meta = read_meta(root) or {"target_layer_ids": list(layer_ids), "done": [], "shards": []}
     if meta["target_layer_ids"] != list(layer_ids):
         raise BlockPilotError(
             f"data in {root} was captured at target layers {meta['target_layer_ids']}, not {list(layer_ids)}; "
             "use another --out or the same --target-layer-ids"
         )
+    # "done" holds indices into the inputs: they only mean something for the same inputs (a longer
+    # list that starts with them is fine: a run resumed with a larger --limit)
+    known = meta.get("lengths", lengths)
+    if known[: len(lengths)] != lengths[: len(known)]:
+        raise BlockPilotError(f"data in {root} was made from other prompts or sequences; use another --out "
+                              "(or the same --prompts and token file as the run that made it)")
+    meta["lengths"] = lengths if len(lengths) >= len(known) else known
     done = set(meta["done"])
     return root, meta, sorted((i for i in range(len(lengths)) if i not in done), key=lambda i: lengths[i])
 
@@ -152,7 +161,9 @@ def _add_shard(root: Path, meta: dict, indices: Sequence[int], seqs: Sequence[Ex
     write_shard(root / name, seqs)
     meta["shards"].append(name)
     meta["done"].extend(indices)
-    (root / META).write_text(json.dumps(meta))
+    tmp = root / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, root / META)
 
 
 def write_shard(path, seqs: Sequence[Example]) -> None:
@@ -195,20 +206,30 @@ def load_data(root) -> List[Example]:
 
 
 def write_token_file(examples: Sequence[Example], path, info: Optional[dict] = None) -> None:
-    """Save the sequences' token ids (uint16 when they fit) and prompt lengths to ``path``."""
+    """Save the sequences' token ids (uint16 when they fit) and prompt lengths to ``path``
+    (written beside it, then renamed: never half-written)."""
     from safetensors.numpy import save_file
 
+    if not examples:
+        raise BlockPilotError(f"no distilled sequences to write to {path}")
     tokens = np.concatenate([e.tokens for e in examples])
     dtype = np.uint16 if tokens.max() < 2**16 else np.int32
-    save_file(
-        {
-            "tokens": tokens.astype(dtype),
-            "offsets": np.cumsum([0] + [len(e.tokens) for e in examples]).astype(np.int64),
-            "prompt_lens": np.array([e.prompt_len for e in examples], dtype=np.int32),
-        },
-        str(path),
-        metadata={"info": json.dumps(info or {})},
-    )
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(
+            {
+                "tokens": tokens.astype(dtype),
+                "offsets": np.cumsum([0] + [len(e.tokens) for e in examples]).astype(np.int64),
+                "prompt_lens": np.array([e.prompt_len for e in examples], dtype=np.int32),
+            },
+            str(tmp),
+            metadata={"info": json.dumps(info or {})},
+        )
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BlockPilotError(f"cannot write the token file {path} ({e.strerror or e})") from None
 
 
 def read_token_file(path) -> List[Example]:
