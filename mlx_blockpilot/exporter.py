@@ -7,6 +7,7 @@ by default. Neither engine knows the BlockPilot policy: they take one block size
 server, so export recommends one (the policy's most frequent pick over sample prompts).
 """
 
+import copy
 import json
 import shlex
 import shutil
@@ -42,21 +43,21 @@ class Export:
     command: str
 
 
-def _dequantized(module: nn.Module) -> nn.Module:
+def _float_copy(module: nn.Module, dtype) -> nn.Module:
+    """A copy of ``module`` dequantized and cast to ``dtype`` (the bundle keeps its own weights)."""
     from mlx_lm.utils import dequantize_model
 
-    return dequantize_model(module) if any(isinstance(m, nn.QuantizedLinear) for m in module.modules()) else module
-
-
-def _cast(module: nn.Module, dtype) -> None:
+    module = copy.deepcopy(module)
+    if any(type(m).__name__.startswith("Quantized") for m in module.modules()):  # Linear, Embedding, SwitchLinear
+        module = dequantize_model(module)
     module.set_dtype(dtype, predicate=lambda t: mx.issubdtype(t, mx.floating))
+    return module
 
 
 def write_draft(draft: DFlashDraft, out: Path, dtype) -> None:
     """The drafter in the z-lab layout: float weights (dequantized) in ``dtype``, every
     ``dflash_config`` field, ``draft_vocab_size`` + ``d2t`` when the vocabulary is reduced."""
-    draft = _dequantized(draft)
-    _cast(draft, dtype)
+    draft = _float_copy(draft, dtype)
     config = draft.config.to_dict()
     config["torch_dtype"] = dtype_name(dtype)
     save_draft(draft, out, config)
@@ -73,8 +74,7 @@ def write_target(bundle_dir: Path, model, out: Path, dtype) -> None:
             f"Hugging Face layout is not supported (only {', '.join(HF_WRITABLE)}); convert the bundle from the "
             "model's Hugging Face checkpoint, then export"
         )
-    model = _dequantized(model)
-    _cast(model, dtype)
+    model = _float_copy(model, dtype)
     weights = dict(tree_flatten(model.parameters()))
     if config.pop("rope_traditional", False):
         hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -144,7 +144,7 @@ def export(bundle, out: Path, engine: str, dtype: str = "bfloat16",
            prompts: Optional[Sequence[List[int]]] = None) -> Export:
     """Write ``out/draft`` (and ``out/target`` when the bundle has no Hugging Face source),
     ``out/README.md``, ``out/serve.sh`` and ``out/export.json``; ``out`` must exist. The
-    bundle's weights are dequantized and cast in place: load it again to generate with it."""
+    bundle itself is left as it was (the weights written are dequantized, cast copies)."""
     if engine not in ENGINES:
         raise BlockPilotError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     mx_dtype = check_dtype(dtype)

@@ -144,3 +144,16 @@ def test_recommended_block_size_skips_plain_decoding_picks(bundle_dir):
     block, reason = recommend_block_size(bundle, [make_prompt(9, seed=1)])
     assert block == bundle.draft.config.block_size and "no policy" in reason
     assert "route each request" not in readme(Export("vllm", block, reason, "t", Path("draft"), "cmd"), bundle, "bfloat16")
+
+
+def test_export_leaves_the_bundle_as_it_was(bundle_dir, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from mlx_blockpilot.exporter import export
+
+    bundle = load(bundle_dir)
+    before = {k: v.dtype for k, v in tree_flatten(bundle.draft.parameters())}
+    (tmp_path / "exp").mkdir()
+    export(bundle, tmp_path / "exp", "vllm", dtype="bfloat16")
+    assert {k: v.dtype for k, v in tree_flatten(bundle.draft.parameters())} == before
+    assert mx.float32 in before.values()
