@@ -179,7 +179,8 @@ def generate_step(
             options.block_size, policy, lambda kind: policy_features(model, draft, pre.logits, pre.hidden, kind)
         )
         policy_s = time.perf_counter() - tic
-        schedule = make_schedule(width, options.block_size, policy, options.refine, costs, context=len(cache.tokens))
+        schedule = make_schedule(width, options.block_size, policy, options.refine, costs,
+                                 max_width=draft.config.block_size, context=len(cache.tokens))
         n = 1
         finish = "stop" if last in eos else "length" if max_tokens == 1 else None
         yield Step([last], 0, finish, pre, width, policy_s)

@@ -110,7 +110,9 @@ class CostAware(Fixed):
 def make_schedule(width: int, block_size: BlockSize, policy, refine: bool, costs=None, max_width: int = 8,
                   context: int = 0) -> Fixed:
     """The schedule of a generation whose block size was picked as ``width``: ``CostAware``
-    when ``refine`` and calibrated ``costs`` are given, else ``Refine`` or ``Fixed``."""
+    when ``refine`` and calibrated ``costs`` are given (widths 1 to ``max_width``, the
+    drafter's training block size: wider blocks are outside what it learned; or ``width``
+    if larger), else ``Refine`` or ``Fixed``."""
     if refine and costs is not None:
         return CostAware(width, costs, max(max_width, width), context)
     if refine:
