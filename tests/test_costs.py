@@ -33,6 +33,13 @@ def test_costs_interpolate_and_extrapolate():
     assert Costs.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+def test_noisy_dips_are_smoothed_out():
+    from mlx_blockpilot.costs import monotone
+
+    assert monotone([[1.0, 3.0, 2.0], [0.5, 4.0, 5.0]]) == [[1.0, 3.0, 3.0], [1.0, 4.0, 5.0]]
+    assert monotone([]) == []
+
+
 def widths_of(model, draft, tok, prompt, costs, max_tokens=40):
     steps = list(generate_step(model, draft, prompt, GenerationOptions(max_tokens=max_tokens, block_size=2, refine=True),
                                eos=tok.eos_token_ids, costs=costs))
