@@ -161,8 +161,10 @@ def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
         src = dict(tree_flatten(layers[n - cfg.num_hidden_layers + i].parameters()))
         if any(k.endswith(".scales") for k in src):
             raise BlockPilotError("cannot initialise the drafter from a quantized target; convert it to float")
-        theirs = {k for k in src if not k.startswith("self_attn.rope")}
-        if theirs - mine:  # a Llama layer lacks the q/k norms (they keep their init); nothing may be left over
+        # a Llama layer lacks the q/k norms (they keep their init) and Qwen2's attention biases are
+        # dropped (the drafter has none); anything else left over means another kind of layer
+        theirs = {k for k in src if not k.startswith("self_attn.rope") and not k.endswith(".bias")}
+        if theirs - mine:
             raise BlockPilotError(
                 f"the target's layer {n - cfg.num_hidden_layers + i} ({target.model_type(model)}) is not shaped like a "
                 f"drafter layer, so it cannot initialise one (it has {sorted(theirs - mine)[:3]}...); "
