@@ -182,3 +182,14 @@ def test_convert_makes_a_lossless_bundle(model_type, qwen3, tmp_path):
     assert ref == reference(model, prompt, max_tokens=20)
     r = generate(bundle.model, bundle.draft, no_eos(qwen3.tokenizer), prompt, block_size=4, max_tokens=20)
     assert r.tokens == ref
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_moe"])
+def test_train_draft_refuses_layers_that_cannot_initialise_a_drafter(model_type):
+    from mlx_blockpilot.training.draft_trainer import init_draft, make_config
+
+    model = build(model_type)
+    n = target.num_layers(model)
+    cfg = make_config(model, 1, [0, n - 1], 4, 0)  # the sizes are read through the family table
+    with pytest.raises(BlockPilotError, match="not shaped like a drafter layer"):
+        init_draft(model, cfg)

@@ -156,18 +156,19 @@ def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
     n = len(layers)
     traditional = getattr(getattr(getattr(layers[-1], "self_attn", None), "rope", None), "traditional", False)
     weights = []
-    mine = {k for k, _ in tree_flatten(draft.layers[0].parameters())}
+    mine = {k: v.shape for k, v in tree_flatten(draft.layers[0].parameters())}
     for i in range(cfg.num_hidden_layers):
         src = dict(tree_flatten(layers[n - cfg.num_hidden_layers + i].parameters()))
         if any(k.endswith(".scales") for k in src):
             raise BlockPilotError("cannot initialise the drafter from a quantized target; convert it to float")
         # a Llama layer lacks the q/k norms (they keep their init) and Qwen2's attention biases are
         # dropped (the drafter has none); anything else left over means another kind of layer
-        theirs = {k for k in src if not k.startswith("self_attn.rope") and not k.endswith(".bias")}
-        if theirs - mine:
+        theirs = {k: v.shape for k, v in src.items() if not k.startswith("self_attn.rope") and not k.endswith(".bias")}
+        odd = sorted(k for k in theirs if k not in mine or theirs[k] != mine[k])
+        if odd:
             raise BlockPilotError(
                 f"the target's layer {n - cfg.num_hidden_layers + i} ({target.model_type(model)}) is not shaped like a "
-                f"drafter layer, so it cannot initialise one (it has {sorted(theirs - mine)[:3]}...); "
+                f"drafter layer, so it cannot initialise one ({odd[:3]}...); "
                 "train a drafter for a Llama/Mistral/Qwen2/Qwen3-style target")
         for name, value in src.items():
             if name.startswith("self_attn.") and name.split(".")[1] in ("q_proj", "k_proj") and traditional:
