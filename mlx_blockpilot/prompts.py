@@ -13,6 +13,7 @@
 ``encode_prompt`` and ``encode_chat`` turn prompts into token ids (chat template applied).
 """
 
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -157,10 +158,11 @@ def encode_prompt(tokenizer, text: str, chat: bool = True) -> List[int]:
 
 def long_prompt(tokenizer, texts: List[str], tokens: int, chat: bool = True) -> List[int]:
     """A prompt of about ``tokens`` tokens (at most that many): ``texts`` quoted one after
-    another, then a question about them; for measuring decoding at long context."""
+    another (from the start again when they run out), then a question about them; for
+    measuring decoding at long context."""
     head, tail = "Here are messages people sent to an assistant:\n\n", "\n\nWhich of these messages is the most unusual, and why?"
     ids, used = encode_prompt(tokenizer, head + tail, chat=chat), []
-    for text in texts:
+    for text in itertools.islice(itertools.cycle(texts), 100 * tokens):  # bounded: every text adds a token
         trial = encode_prompt(tokenizer, head + "\n\n---\n\n".join(used + [text]) + tail, chat=chat)
         if len(trial) > tokens:
             break

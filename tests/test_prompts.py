@@ -74,3 +74,13 @@ def test_installed_humaneval_gives_code_requests():
     assert len(prompts) == 164 and all(p.startswith("Complete the following Python function.") for p in prompts)
     assert "def has_close_elements" in prompts[0] and "```python" in prompts[0]
     assert load_prompts("humaneval", limit=3) == prompts[:3]
+
+
+def test_long_prompts_reach_their_length_from_few_texts(qwen3):
+    from mlx_blockpilot.prompts import long_prompt
+
+    for n in (120, 400):
+        ids = long_prompt(qwen3.tokenizer, ["the quick brown fox", "hello world"], n)
+        assert 0.9 * n <= len(ids) <= n  # two short texts, quoted again and again
+    with pytest.raises(BlockPilotError, match="cannot build a prompt"):
+        long_prompt(qwen3.tokenizer, ["the quick brown fox"], 3)
