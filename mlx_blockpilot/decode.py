@@ -197,6 +197,7 @@ def generate_step(
             w = min(schedule.width, room)
             key, round_key = mx.random.split(key)
             timings = {} if timed else None
+            round_tic = time.perf_counter()
             drafted, accepted, nxt, hidden, replay = _round(model, draft, cache, last, w, options, round_key, timings)
             tic = time.perf_counter()
             out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
@@ -208,7 +209,7 @@ def generate_step(
                 new = new[: stop_at + 1]
             # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
             cache.commit([last] + new[:-1], hidden, w, replay)
-            schedule.update(len(new), w, len(cache.tokens))
+            schedule.update(len(new), w, len(cache.tokens), time.perf_counter() - round_tic)
             n += len(new)
             last = new[-1]
             finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None

@@ -306,6 +306,13 @@ def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_pat
     ref = reference(llama.model, prompt, max_tokens=30)
     for b in (2, 5, 8):
         assert generate(llama.model, draft, no_eos(llama.tokenizer), prompt, block_size=b, max_tokens=30).tokens == ref
+    # several data folders, several token files: their sequences together
+    both = tmp_path / "both"
+    assert _cli(llama, pf, both, 1, "--data", str(first / "data"), str(out / "data"), "--eval-block-sizes", "none") == 0
+    assert json.loads((both / "summary.json").read_text())["sequences"] == 8
+    tokens = str(tmp_path / "tokens.safetensors")
+    assert _cli(llama, pf, tmp_path / "twice", 1, "--data-tokens", tokens, tokens, "--eval-block-sizes", "none") == 0
+    assert json.loads((tmp_path / "twice" / "summary.json").read_text())["sequences"] == 8
     capsys.readouterr()
     assert _cli(llama, pf, tmp_path / "bad", 2, "--init-from", str(tmp_path / "missing")) == 2
     assert capsys.readouterr().err.startswith("error: ")

@@ -73,12 +73,12 @@ def build_parser():
     p.add_argument("--eval-block-sizes", type=lambda v: [] if v in ("", "none") else block_sizes_arg(v), default=[4, 8, 16],
                    help="final held-out report, e.g. 4,8 (none to skip)")
     data = p.add_mutually_exclusive_group()
-    data.add_argument("--data-tokens", default=None,
-                      help="train on the sequences of this token file (features rebuilt by prefill) instead of "
+    data.add_argument("--data-tokens", nargs="+", default=None, metavar="FILE",
+                      help="train on the sequences of these token files (features rebuilt by prefill) instead of "
                            "generating answers; --prompts then only gives the held-out prompts")
     p.add_argument("--export-tokens", default=None, help="also write the distilled sequences as a token file")
-    data.add_argument("--data", default=None,
-                      help="train on the distilled data in this folder as it is (an earlier run's OUT/data); "
+    data.add_argument("--data", nargs="+", default=None, metavar="DIR",
+                      help="train on the distilled data in these folders as it is (earlier runs' OUT/data); "
                            "--prompts then only gives the held-out prompts")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -111,27 +111,28 @@ def _train_into(args, out: Path) -> int:
     mask_id = args.mask_token_id if args.mask_token_id is not None else default_mask_id(tokenizer)
     cfg = make_config(model, args.layers, layer_ids, args.block_size, mask_id, args.causal or None, args.draft_vocab)
 
-    data_dir = Path(args.data) if args.data else out / "data"
+    data_dirs = [Path(d) for d in args.data] if args.data else [out / "data"]
     tic = time.perf_counter()
     gen = {"prompts": 0, "tokens": 0, "answer_tokens": 0}
     if args.data:
-        meta = distill.read_meta(data_dir)
-        if meta is None:
-            raise BlockPilotError(f"--data {data_dir} holds no distilled data (no {distill.META})")
-        if meta["target_layer_ids"] != list(layer_ids):
-            raise BlockPilotError(f"--data {data_dir} was captured at target layers {meta['target_layer_ids']}, "
-                                  f"not {list(layer_ids)}; pass --target-layer-ids {' '.join(map(str, meta['target_layer_ids']))}")
+        for data_dir in data_dirs:
+            meta = distill.read_meta(data_dir)
+            if meta is None:
+                raise BlockPilotError(f"--data {data_dir} holds no distilled data (no {distill.META})")
+            if meta["target_layer_ids"] != list(layer_ids):
+                raise BlockPilotError(f"--data {data_dir} was captured at target layers {meta['target_layer_ids']}, "
+                                      f"not {list(layer_ids)}; pass --target-layer-ids {' '.join(map(str, meta['target_layer_ids']))}")
         stream, bar = iter(()), tqdm(total=0, disable=True)
     elif args.data_tokens:
-        sequences = distill.read_token_file(args.data_tokens)
-        stream = distill.featurize(model, sequences, data_dir, layer_ids, args.gen_batch)
+        sequences = [s for f in args.data_tokens for s in distill.read_token_file(f)]
+        stream = distill.featurize(model, sequences, data_dirs[0], layer_ids, args.gen_batch)
         bar = tqdm(total=len(sequences), desc="features", disable=args.no_progress, unit="seq")
     else:
-        stream = distill.distill(model, train_ids, data_dir, layer_ids, args.max_new_tokens, args.gen_batch,
+        stream = distill.distill(model, train_ids, data_dirs[0], layer_ids, args.max_new_tokens, args.gen_batch,
                                  tokenizer.eos_token_ids)
         bar = tqdm(total=len(train_ids), desc="distill", disable=args.no_progress, unit="prompt")
     if not args.data:
-        bar.update(len((distill.read_meta(data_dir) or {}).get("done", [])))
+        bar.update(len((distill.read_meta(data_dirs[0]) or {}).get("done", [])))
     for s in stream:
         for k in gen:
             gen[k] += s[k]
@@ -139,7 +140,7 @@ def _train_into(args, out: Path) -> int:
         bar.set_postfix(tok_s=f"{gen['answer_tokens'] / (time.perf_counter() - tic):.1f}")
     bar.close()
     gen_s = time.perf_counter() - tic
-    examples = distill.load_data(data_dir)
+    examples = [e for data_dir in data_dirs for e in distill.load_data(data_dir)]
     if args.export_tokens:
         distill.write_token_file(examples, args.export_tokens, {"target": str(args.target), "prompts": str(args.prompts),
                                                                 "max_new_tokens": args.max_new_tokens})
