@@ -94,15 +94,17 @@ def policy_features(model, draft, logits: mx.array, hidden: mx.array, kind: str)
     return hidden[0, -1, j * h : (j + 1) * h]
 
 
-def _round(model, draft, cache: PromptCache, last: int, width: int, opts: GenerationOptions, key, timings=None):
+def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: int, opts: GenerationOptions, key,
+           timings=None):
     """One round's lazy graph: draft ``width - 1`` tokens, verify them, accept a prefix.
 
+    ``last`` is the last committed token (a lazy array only for a plain round, ``width`` 1).
     Returns ``(drafted, accepted, next_token, hidden, replay)``: the drafted tokens, how
     many of them the target accepts, the target's own next token, the verify pass's
     features and what the cache needs to take the pass back on linear-attention layers.
     """
     cfg = draft.config
-    last_arr = mx.array([[last]])
+    last_arr = last.reshape(1, 1) if isinstance(last, mx.array) else mx.array([[last]])
     tic = time.perf_counter()
     if width > 1:
         # The drafter sees [last, MASK, ...] and the committed context it has not read yet.
@@ -116,8 +118,7 @@ def _round(model, draft, cache: PromptCache, last: int, width: int, opts: Genera
             drafted = sample(draft_probs, draft_key)
         verify = mx.concatenate([last_arr, drafted[None].astype(last_arr.dtype)], axis=1)
     else:
-        drafted = mx.zeros((0,), dtype=mx.int32)
-        draft_probs = mx.zeros((0, target.vocab_size(model)))
+        drafted, draft_probs = mx.zeros((0,), dtype=mx.int32), None
         verify = last_arr
     if timings is not None:  # profiling only: a sync between the two passes
         mx.eval(drafted)
@@ -130,6 +131,8 @@ def _round(model, draft, cache: PromptCache, last: int, width: int, opts: Genera
     logits, hidden = target.forward(model, verify, cache.target, cfg.target_layer_ids, replay)
     if opts.greedy:  # keep d_i while it equals the target's argmax
         accepted, nxt = accept_greedy(drafted, logits[0])
+    elif width == 1:  # plain decoding: a sample of the target's distribution
+        accepted, nxt = mx.array(0), sample(probabilities(logits[0, -1], opts), key)
     else:  # keep d_i with prob min(1, p/q); resample the first rejection from max(p - q, 0)
         accepted, nxt = accept_sampled(drafted, draft_probs, logits[0], opts, key)
     if timings is not None:
@@ -187,37 +190,67 @@ def generate_step(
         if finish:
             return
 
-        while True:
-            room = max_tokens - n
-            if context is not None:
-                room = min(room, context - len(cache.tokens))
-            if room <= 0:
-                yield Step([], 0, "length")
-                return
-            w = min(schedule.width, room)
-            key, round_key = mx.random.split(key)
-            timings = {} if timed else None
-            round_tic = time.perf_counter()
-            drafted, accepted, nxt, hidden, replay = _round(model, draft, cache, last, w, options, round_key, timings)
-            tic = time.perf_counter()
-            out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
-            values = out.tolist()  # the round's one host sync
-            a = values[w - 1]
-            new = (values[:a] + [values[w]])[: max_tokens - n]
-            stop_at = next((i for i, t in enumerate(new) if t in eos), None)
-            if stop_at is not None:
-                new = new[: stop_at + 1]
-            # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
-            cache.commit([last] + new[:-1], hidden, w, replay)
-            schedule.update(len(new), w, len(cache.tokens), time.perf_counter() - round_tic)
-            n += len(new)
-            last = new[-1]
-            finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None
-            if timings is not None:
-                timings["host"] = time.perf_counter() - tic
-            yield Step(new, w, finish, timings=timings)
-            if finish:
-                return
+        ahead = None  # the next plain round, already built (see below)
+        try:
+            while True:
+                room = max_tokens - n
+                if context is not None:
+                    room = min(room, context - len(cache.tokens))
+                if room <= 0:
+                    yield Step([], 0, "length")
+                    return
+                w = min(schedule.width, room)
+                key, round_key = mx.random.split(key)
+                timings = {} if timed else None
+                round_tic = time.perf_counter()
+                if w == 1 and not timed:
+                    # A plain round commits `last` whatever the target says, so the next plain round can
+                    # be built on this one's lazy next token before waiting for it: graph building then
+                    # overlaps the computation, as in mlx-lm's generate_step. A round built ahead that is
+                    # not needed (EOS, max_tokens, the generator closed) is taken back off the cache.
+                    _, _, nxt, hidden, replay = ahead or _round(model, draft, cache, last, 1, options, round_key)
+                    ahead = None
+                    cache.commit([last], hidden, 1, replay)
+                    schedule.update(1, 1, len(cache.tokens))
+                    if schedule.width == 1 and n + 1 < max_tokens and (context is None or len(cache.tokens) < context):
+                        ahead = _round(model, draft, cache, nxt, 1, options, mx.random.split(key)[1])
+                        mx.async_eval(ahead[2], ahead[3])
+                    last = nxt.item()  # the round's one host sync
+                    schedule.observe(1, time.perf_counter() - round_tic)
+                    new = [last]
+                    n += 1
+                    stop = last in eos
+                    finish = "stop" if stop else "length" if n >= max_tokens else None
+                    if finish and ahead is not None:
+                        cache.commit([], ahead[3], 1, ahead[4])
+                        ahead = None
+                    yield Step(new, 1, finish)
+                    if finish:
+                        return
+                    continue
+                drafted, accepted, nxt, hidden, replay = _round(model, draft, cache, last, w, options, round_key, timings)
+                tic = time.perf_counter()
+                out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
+                values = out.tolist()  # the round's one host sync
+                a = values[w - 1]
+                new = (values[:a] + [values[w]])[: max_tokens - n]
+                stop_at = next((i for i, t in enumerate(new) if t in eos), None)
+                if stop_at is not None:
+                    new = new[: stop_at + 1]
+                # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
+                cache.commit([last] + new[:-1], hidden, w, replay)
+                schedule.update(len(new), w, len(cache.tokens), time.perf_counter() - round_tic)
+                n += len(new)
+                last = new[-1]
+                finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None
+                if timings is not None:
+                    timings["host"] = time.perf_counter() - tic
+                yield Step(new, w, finish, timings=timings)
+                if finish:
+                    return
+        finally:
+            if ahead is not None:  # closed between steps: the cache holds exactly the committed tokens
+                cache.commit([], ahead[3], 1, ahead[4])
 
 
 @dataclass

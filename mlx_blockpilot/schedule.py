@@ -54,6 +54,9 @@ class Fixed:
         """A round of ``width`` committed ``committed`` tokens in ``seconds`` (its wall time, if
         measured); ``context`` tokens are now cached."""
 
+    def observe(self, width: int, seconds: float) -> None:
+        """A round of ``width`` took ``seconds`` (when it is timed after ``update``)."""
+
 
 class Refine(Fixed):
     """Start at the pick and move within ``[lo, hi]`` after each round (``refine_width``)."""

@@ -149,6 +149,45 @@ def test_prompt_cache_reuse_is_lossless(tiny):
     assert r3.tokens == reference(tiny.model, third, max_tokens=15)
 
 
+def cache_is_exact(cache):
+    """The target caches hold exactly the committed tokens, and the drafter has them all seen or pending."""
+    pending = 0 if cache.pending is None else cache.pending.shape[1]
+    return all(c.offset == len(cache.tokens) for c in cache.target) and cache.drafted + pending == len(cache.tokens)
+
+
+def test_plain_rounds_built_ahead_leave_the_cache_exact(tiny):
+    """Plain rounds (width 1) build the next round before the host waits; one built but not
+    needed (EOS, max_tokens, the caller closing the generator) must leave no trace."""
+    from mlx_blockpilot.decode import generate_step
+    from mlx_blockpilot.options import GenerationOptions
+
+    prompt = make_prompt(12, seed=21)
+    ref = reference(tiny.model, prompt, max_tokens=30)
+    for k in (0, 1, 7, 29):  # EOS as the first token, early, mid-answer, the last one allowed
+        if ref[k] in ref[:k]:
+            continue
+        cache = make_cache(tiny.model, tiny.draft)
+        r = generate(tiny.model, tiny.draft, no_eos(tiny.tokenizer, [ref[k]]), prompt, block_size=1, refine=False,
+                     max_tokens=30, prompt_cache=cache)
+        assert r.tokens == ref[: k + 1] and r.finish_reason == "stop"
+        assert cache_is_exact(cache) and cache.tokens == prompt + ref[:k]
+    for max_tokens in (1, 2, 13):
+        cache = make_cache(tiny.model, tiny.draft)
+        r = generate(tiny.model, tiny.draft, no_eos(tiny.tokenizer), prompt, block_size=1, refine=False,
+                     max_tokens=max_tokens, prompt_cache=cache)
+        assert r.tokens == ref[:max_tokens] and cache_is_exact(cache) and cache.tokens == prompt + ref[: max_tokens - 1]
+    # closed between steps, then the conversation goes on (drafting again): still exact
+    cache = make_cache(tiny.model, tiny.draft)
+    steps = generate_step(tiny.model, tiny.draft, prompt, GenerationOptions(max_tokens=30, block_size=1, refine=False),
+                          prompt_cache=cache)
+    got = [t for _, s in zip(range(5), steps) for t in s.tokens]
+    steps.close()
+    assert got == ref[:5] and cache_is_exact(cache) and cache.tokens == prompt + ref[:4]
+    second = prompt + got + make_prompt(5, seed=22)
+    r = generate(tiny.model, tiny.draft, no_eos(tiny.tokenizer), second, block_size=4, max_tokens=20, prompt_cache=cache)
+    assert r.tokens == reference(tiny.model, second, max_tokens=20) and r.reused_tokens == len(prompt) + 4
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

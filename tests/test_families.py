@@ -90,12 +90,14 @@ def test_eos_inside_a_block_and_multi_turn_reuse(family, qwen3):
     prompt = make_prompt(9, seed=5)
     ref = reference(model, prompt, max_tokens=30)
     k = max(i for i in range(1, 30) if ref[i] not in ref[:i])  # an EOS that first appears mid-answer
-    r = generate(model, draft, no_eos(qwen3.tokenizer, [ref[k]]), prompt, block_size=6, max_tokens=30)
-    assert r.tokens == ref[: k + 1] and r.finish_reason == "stop", name
+    for block in (6, 1):  # plain rounds are built one ahead: the one after EOS is taken back
+        r = generate(model, draft, no_eos(qwen3.tokenizer, [ref[k]]), prompt, block_size=block, max_tokens=30)
+        assert r.tokens == ref[: k + 1] and r.finish_reason == "stop", name
     cache = make_cache(model, draft)
     conversation = make_prompt(20, seed=3)
     for turn in range(3):
-        r = generate(model, draft, tok, conversation, block_size=5, max_tokens=12, prompt_cache=cache)
+        block = 1 if turn == 1 else 5  # a plain turn in between: its cache is left exact
+        r = generate(model, draft, tok, conversation, block_size=block, refine=False, max_tokens=12, prompt_cache=cache)
         assert r.tokens == reference(model, conversation, max_tokens=12), (name, turn)
         if turn:  # the conversation continues: nothing to rewind, only the new tokens are prefilled
             assert r.reused_tokens == len(conversation) - 8

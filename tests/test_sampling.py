@@ -85,7 +85,7 @@ def exact_distribution(model, prompt, temp, top_p, top_k):
 
 @pytest.mark.parametrize(
     "block, temp, top_p, top_k",
-    [(2, 1.0, 1.0, 0), (4, 1.0, 1.0, 0), (3, 0.7, 0.9, 0), (16, 1.3, 1.0, 4)],
+    [(1, 0.7, 0.9, 0), (2, 1.0, 1.0, 0), (4, 1.0, 1.0, 0), (3, 0.7, 0.9, 0), (16, 1.3, 1.0, 4)],
 )
 def test_output_distribution_equals_target(small_vocab, block, temp, top_p, top_k):
     model, draft = small_vocab
@@ -98,7 +98,8 @@ def test_output_distribution_equals_target(small_vocab, block, temp, top_p, top_
         r = generate(model, draft, tok, prompt, block_size=block, max_tokens=STEPS, temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
         counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
         accepted_any += any(a > 1 for a in r.acceptance_lengths)
-    assert accepted_any > 0.05 * RUNS, "the test should exercise accepted draft tokens"
+    if block > 1:  # (block 1 is plain decoding: rounds built one ahead, sampled from the target alone)
+        assert accepted_any > 0.05 * RUNS, "the test should exercise accepted draft tokens"
     assert_same_distribution(counts, exact)
 
 
