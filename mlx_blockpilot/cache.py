@@ -73,7 +73,7 @@ class PromptCache:
             if linear:
                 target_model.rewind_linear(self.model, replay, kept)
         self.tokens.extend(inputs)
-        if hidden is not None:
+        if hidden is not None and kept:
             hidden = hidden[:, :kept] if hidden.shape[1] != kept else hidden
             self.pending = hidden if self.pending is None else mx.concatenate([self.pending, hidden], axis=1)
 

@@ -142,8 +142,22 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
             d_row.append(_median_s(draft_pass, reps))
         verify_s.append(v_row)
         draft_s.append(d_row)
-    verify_s, draft_s = monotone(verify_s), monotone(draft_s)
+    verify_s = monotone([straight(widths, row) for row in verify_s])
+    draft_s = monotone([[0.0] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
+                        for row in draft_s])
     return Costs(list(widths), contexts, verify_s, draft_s, seconds=time.perf_counter() - tic)
+
+
+def straight(xs: Sequence[float], ys: Sequence[float]) -> List[float]:
+    """``ys`` replaced by the Theil-Sen line through ``(xs, ys)`` (the median of pairwise
+    slopes, never negative; the median intercept): a pass's cost is about linear in its width
+    here, and one noisy sample of single timings moves the median, not the line."""
+    if len(xs) < 2:
+        return list(ys)
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
+    slope = max(0.0, statistics.median(slopes))
+    base = statistics.median(y - slope * x for x, y in zip(xs, ys))
+    return [base + slope * x for x in xs]
 
 
 def monotone(table: List[List[float]]) -> List[List[float]]:
@@ -177,6 +191,7 @@ def machine_key() -> Dict[str, Any]:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "mlx_blockpilot": __version__,
+        "method": 2,  # straight lines through the widths' timings (costs.straight)
     }
 
 

@@ -202,7 +202,6 @@ def generate_step(
                 w = min(schedule.width, room)
                 key, round_key = mx.random.split(key)
                 timings = {} if timed else None
-                round_tic = time.perf_counter()
                 if w == 1 and not timed:
                     # A plain round commits `last` whatever the target says, so the next plain round can
                     # be built on this one's lazy next token before waiting for it: graph building then
@@ -214,9 +213,8 @@ def generate_step(
                     schedule.update(1, 1, len(cache.tokens))
                     if schedule.width == 1 and n + 1 < max_tokens and (context is None or len(cache.tokens) < context):
                         ahead = _round(model, draft, cache, nxt, 1, options, mx.random.split(key)[1])
-                        mx.async_eval(ahead[2], ahead[3])
+                        mx.async_eval([x for x in ahead[2:4] if x is not None])
                     last = nxt.item()  # the round's one host sync
-                    schedule.observe(1, time.perf_counter() - round_tic)
                     new = [last]
                     n += 1
                     stop = last in eos
@@ -239,7 +237,7 @@ def generate_step(
                     new = new[: stop_at + 1]
                 # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
                 cache.commit([last] + new[:-1], hidden, w, replay)
-                schedule.update(len(new), w, len(cache.tokens), time.perf_counter() - round_tic)
+                schedule.update(len(new), w, len(cache.tokens))
                 n += len(new)
                 last = new[-1]
                 finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None

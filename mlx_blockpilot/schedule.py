@@ -9,7 +9,7 @@ estimated online and this machine's measured round costs (``costs.calibrate``), 
 own), so schedules change speed only.
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import mlx.core as mx
 
@@ -50,12 +50,8 @@ class Fixed:
     def __init__(self, width: int):
         self.width = width
 
-    def update(self, committed: int, width: int, context: int = 0, seconds: Optional[float] = None) -> None:
-        """A round of ``width`` committed ``committed`` tokens in ``seconds`` (its wall time, if
-        measured); ``context`` tokens are now cached."""
-
-    def observe(self, width: int, seconds: float) -> None:
-        """A round of ``width`` took ``seconds`` (when it is timed after ``update``)."""
+    def update(self, committed: int, width: int, context: int = 0) -> None:
+        """A round of ``width`` committed ``committed`` tokens; ``context`` tokens are now cached."""
 
 
 class Refine(Fixed):
@@ -65,7 +61,7 @@ class Refine(Fixed):
         super().__init__(width)
         self.lo, self.hi = lo, hi
 
-    def update(self, committed: int, width: int, context: int = 0, seconds: Optional[float] = None) -> None:
+    def update(self, committed: int, width: int, context: int = 0) -> None:
         self.width = refine_width(self.width, committed, width, self.lo, self.hi)
 
 
@@ -75,68 +71,30 @@ class CostAware(Fixed):
     Acceptance is estimated online per block position: ``rate[k]`` is how often the
     k-th draft was accepted when the ones before it were (a moving average with a
     prior, so few rounds already steer). With ``costs.round_s`` from calibration, a
-    width ``w`` is worth ``(1 + rate[1] + rate[1]*rate[2] + ...) / cost(w)`` tokens
+    width ``w`` is worth ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens
     per second; width 1 is plain decoding. Plain rounds teach nothing about drafting,
     so after ``probe_every`` of them one round drafts again at the best drafting width.
-
-    ``cost(w)`` is the calibrated ``round_s`` corrected by the rounds' own wall times: the
-    ratio measured / calibrated is averaged per width, and a width with few rounds leans
-    on the ratio over all widths (``scale_prior`` rounds' worth), so a machine busier than
-    at calibration slows every width alike and only a width's own surprises change the order
-    (``observe``).
     """
 
     def __init__(self, width: int, costs, max_width: int, context: int, prior: float = 0.5,
-                 prior_rounds: float = 2.0, memory: float = 0.9, probe_every: int = 8,
-                 scale_prior: float = 1.0, scale_memory: float = 0.95):
+                 prior_rounds: float = 2.0, memory: float = 0.9, probe_every: int = 8):
         super().__init__(width)
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
         n = self.max_width - 1
         self.hits, self.seen = [prior * prior_rounds] * n, [prior_rounds] * n
         self.memory, self.probe_every, self.plain = memory, probe_every, 0
-        self.scale_prior, self.scale_memory = scale_prior, scale_memory
-        self.ratio_sum, self.ratio_n = [0.0] * self.max_width, [0.0] * self.max_width
-        self.last_width = 0
 
     def rates(self) -> list:
         return [h / s for h, s in zip(self.hits, self.seen)]
-
-    def scale(self, width: int) -> float:
-        """Measured / calibrated round time at ``width`` (1 until rounds are measured)."""
-        total, n = sum(self.ratio_sum), sum(self.ratio_n)
-        overall = total / n if n else 1.0
-        i = min(width, self.max_width) - 1
-        return (self.ratio_sum[i] + self.scale_prior * overall) / (self.ratio_n[i] + self.scale_prior)
-
-    def round_s(self, width: int) -> float:
-        return self.costs.round_s(width, self.context) * self.scale(width)
 
     def tokens_per_s(self, width: int) -> float:
         expected, run = 1.0, 1.0
         for r in self.rates()[: width - 1]:
             run *= r
             expected += run
-        return expected / self.round_s(width)
+        return expected / self.costs.round_s(width, self.context)
 
-    def observe(self, width: int, seconds: float) -> None:
-        """A round of ``width`` took ``seconds`` at the current context. A drafting round right
-        after prefill or plain rounds is not a sample: its drafter first reads every feature it
-        missed, which calibration (one round's worth) does not include."""
-        catching_up = width > 1 and self.last_width <= 1
-        self.last_width = width
-        predicted = self.costs.round_s(width, self.context)
-        if catching_up or predicted <= 0 or seconds <= 0:
-            return
-        ratio = min(max(seconds / predicted, 1 / 3), 3.0)  # a stray pause must not swing the order
-        i = min(width, self.max_width) - 1
-        self.ratio_sum = [self.scale_memory * v for v in self.ratio_sum]
-        self.ratio_n = [self.scale_memory * v for v in self.ratio_n]
-        self.ratio_sum[i] += ratio
-        self.ratio_n[i] += 1.0
-
-    def update(self, committed: int, width: int, context: int = 0, seconds: Optional[float] = None) -> None:
-        if seconds is not None:
-            self.observe(width, seconds)
+    def update(self, committed: int, width: int, context: int = 0) -> None:
         self.context = context or self.context
         accepted = committed - 1  # drafts kept (a round cut short by EOS or max_tokens undercounts: harmless)
         for k in range(min(accepted + 1, width - 1)):  # positions seen: the accepted ones and the first miss
