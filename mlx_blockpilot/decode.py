@@ -191,6 +191,11 @@ def generate_step(
             return
 
         ahead = None  # the next plain round, already built (see below)
+
+        def take_back(built) -> None:  # a plain round built ahead but not needed leaves the cache
+            _, _, _, built_hidden, built_replay = built
+            cache.commit([], built_hidden, 1, built_replay)
+
         try:
             while True:
                 room = max_tokens - n
@@ -215,14 +220,12 @@ def generate_step(
                         ahead = _round(model, draft, cache, nxt, 1, options, mx.random.split(key)[1])
                         mx.async_eval([x for x in ahead[2:4] if x is not None])
                     last = nxt.item()  # the round's one host sync
-                    new = [last]
                     n += 1
-                    stop = last in eos
-                    finish = "stop" if stop else "length" if n >= max_tokens else None
+                    finish = "stop" if last in eos else "length" if n >= max_tokens else None
                     if finish and ahead is not None:
-                        cache.commit([], ahead[3], 1, ahead[4])
+                        take_back(ahead)
                         ahead = None
-                    yield Step(new, 1, finish)
+                    yield Step([last], 1, finish)
                     if finish:
                         return
                     continue
@@ -248,7 +251,7 @@ def generate_step(
                     return
         finally:
             if ahead is not None:  # closed between steps: the cache holds exactly the committed tokens
-                cache.commit([], ahead[3], 1, ahead[4])
+                take_back(ahead)
 
 
 @dataclass
