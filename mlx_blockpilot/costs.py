@@ -38,6 +38,7 @@ class Costs:
     contexts: List[int]
     verify_s: List[List[float]]
     draft_s: List[List[float]]
+    read_s: List[float] = field(default_factory=list)  # the drafter reading a context's features at once
     key: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # how long measuring took
 
@@ -49,12 +50,19 @@ class Costs:
         verify = self._at(self.verify_s, width, context)
         return verify if width <= 1 else verify + self._at(self.draft_s, width, context)
 
+    def catch_up_s(self, unread: int) -> float:
+        """The drafter reading ``unread`` features it has not seen (the prompt's, or those of
+        plain rounds) in its next pass: about linear in ``unread``."""
+        if not self.read_s or unread <= 0:
+            return 0.0
+        return unread * _interpolate(self.contexts, [r / max(c, 1) for r, c in zip(self.read_s, self.contexts)], unread)
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Costs":
-        return cls(**{k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "key", "seconds") if k in d})
+        return cls(**{k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "key", "seconds") if k in d})
 
 
 def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -90,17 +98,41 @@ def _median_s(fn: Callable[[], None], reps: int) -> float:
     return statistics.median(times)
 
 
+def _plain_step_s(model, caches: List[Any], ids, token: int, steps: int) -> float:
+    """Seconds per plain decoding step when each step is built on the previous one's lazy
+    next token before waiting for it (as ``decode.generate_step`` runs them); the caches are
+    left as they were."""
+    replay: List[Any] = []
+    tic = time.perf_counter()
+    nxt = mx.array([[token]])
+    for i in range(steps):
+        logits, h = target.forward(model, nxt.reshape(1, 1), caches, ids, replay if i == 0 else None)
+        built, nxt = nxt, mx.argmax(logits[0, -1]).astype(mx.int32)
+        mx.async_eval(nxt, h)
+        if i:
+            built.item()
+    nxt.item()
+    seconds = (time.perf_counter() - tic) / steps
+    for c in caches:
+        if c.is_trimmable():
+            c.trim(steps)
+    target.rewind_linear(model, replay, 0)
+    return seconds
+
+
 def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 1,
-            progress: Optional[Callable[[str], None]] = None) -> Costs:
+            progress: Optional[Callable[[str], None]] = None, plain_steps: int = 4) -> Costs:
     """Time the verify pass and the draft pass at every width and context length (the median
-    of ``reps`` passes, after one pass per context that warms its buffers up)."""
+    of ``reps`` passes, after one pass per context that warms its buffers up), a plain step
+    (width 1) pipelined over ``plain_steps`` steps as decoding runs it, and the drafter
+    reading a whole context's features."""
     tic = time.perf_counter()
     limit = target.max_context(model)
     contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
     ids = draft.config.target_layer_ids
     mask = draft.config.mask_token_id
     seed = [5] * 8
-    verify_s, draft_s = [], []
+    verify_s, draft_s, read_s = [], [], []
     for n, length in enumerate(contexts):
         if progress:
             progress(f"calibrating: context {length} ({n + 1}/{len(contexts)})")
@@ -109,6 +141,17 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
         _fill(caches, length)
         dcache = draft.make_cache()
         mx.eval(draft.propose(model, mx.array([[seed[0], mask]]), hidden, dcache))
+        # Reading a context's features at once, less a pass that reads one (what the read adds).
+        pair = mx.array([[seed[0], mask]])
+        reads = []
+        for features in (mx.zeros((1, length, hidden.shape[-1]), dtype=hidden.dtype), hidden[:, :1]):
+            mx.eval(features)
+            start = time.perf_counter()
+            mx.eval(draft.propose(model, pair, features, dcache))
+            reads.append(time.perf_counter() - start)
+            for c in dcache:
+                c.trim(c.offset - 1)
+        read_s.append(max(0.0, reads[0] - reads[1]))
         _fill(dcache, length)
         v_row, d_row = [], []
         for w in widths:
@@ -125,10 +168,11 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
 
             if w == widths[0]:
                 verify()  # warm-up: the context's buffers are allocated here
-            v_row.append(_median_s(verify, reps))
             if w == 1:
+                v_row.append(_plain_step_s(model, caches, ids, seed[0], plain_steps))
                 d_row.append(0.0)
                 continue
+            v_row.append(_median_s(verify, reps))
             block = mx.array([[seed[0]] + [mask] * (w - 1)])
             ctx = hidden[:, :1]
 
@@ -142,10 +186,13 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
             d_row.append(_median_s(draft_pass, reps))
         verify_s.append(v_row)
         draft_s.append(d_row)
-    verify_s = monotone([straight(widths, row) for row in verify_s])
+    # Plain steps are timed pipelined, the passes of drafted rounds one by one: a line each.
+    verify_s = monotone([row[:1] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
+                         for row in verify_s])
     draft_s = monotone([[0.0] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
                         for row in draft_s])
-    return Costs(list(widths), contexts, verify_s, draft_s, seconds=time.perf_counter() - tic)
+    read_s = list(itertools.accumulate(read_s, max))
+    return Costs(list(widths), contexts, verify_s, draft_s, read_s, seconds=time.perf_counter() - tic)
 
 
 def straight(xs: Sequence[float], ys: Sequence[float]) -> List[float]:
@@ -191,7 +238,7 @@ def machine_key() -> Dict[str, Any]:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "mlx_blockpilot": __version__,
-        "method": 2,  # straight lines through the widths' timings (costs.straight)
+        "method": 3,  # straight lines through drafted widths' timings, plain steps pipelined, read costs
     }
 
 

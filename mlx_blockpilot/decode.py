@@ -183,7 +183,8 @@ def generate_step(
         )
         policy_s = time.perf_counter() - tic
         schedule = make_schedule(width, options.block_size, policy, options.refine, costs,
-                                 max_width=draft.config.block_size, context=len(cache.tokens))
+                                 max_width=draft.config.block_size, context=len(cache.tokens),
+                                 unread=len(cache.tokens) - cache.drafted, remaining=max_tokens - 1)
         n = 1
         finish = "stop" if last in eos else "length" if max_tokens == 1 else None
         yield Step([last], 0, finish, pre, width, policy_s)

@@ -9,7 +9,8 @@ estimated online and this machine's measured round costs (``costs.calibrate``), 
 own), so schedules change speed only.
 """
 
-from typing import Callable, Tuple
+import math
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 
@@ -73,16 +74,28 @@ class CostAware(Fixed):
     prior, so few rounds already steer). With ``costs.round_s`` from calibration, a
     width ``w`` is worth ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens
     per second; width 1 is plain decoding. Plain rounds teach nothing about drafting,
-    so after ``probe_every`` of them one round drafts again at the best drafting width.
+    so after ``probe_every`` of them one round drafts again at the best drafting width;
+    where a drafted round costs much more than a plain step (long context), probes are
+    spaced so that they cost at most ``probe_budget`` of the time even when they fail.
+
+    A drafted round after plain ones first has the drafter read the ``unread`` features
+    it has not seen (after a long prompt: all of them, ``costs.catch_up_s``). Drafting
+    starts only when its expected saving over the next ``horizon`` tokens (at most the
+    ``remaining`` ones) pays that back, and a probe only when the read costs no more than
+    a plain step: at long context with a weak drafter, decoding stays plain.
     """
 
-    def __init__(self, width: int, costs, max_width: int, context: int, prior: float = 0.5,
-                 prior_rounds: float = 2.0, memory: float = 0.9, probe_every: int = 8):
+    def __init__(self, width: int, costs, max_width: int, context: int, unread: int = 0,
+                 remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
+                 memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256):
         super().__init__(width)
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
         n = self.max_width - 1
         self.hits, self.seen = [prior * prior_rounds] * n, [prior_rounds] * n
-        self.memory, self.probe_every, self.plain = memory, probe_every, 0
+        self.memory, self.probe_every, self.probe_budget, self.plain = memory, probe_every, probe_budget, 0
+        self.unread, self.remaining, self.horizon = unread, remaining, horizon
+        if width > 1 and not self.pays(width):
+            self.width = 1
 
     def rates(self) -> list:
         return [h / s for h, s in zip(self.hits, self.seen)]
@@ -94,27 +107,51 @@ class CostAware(Fixed):
             expected += run
         return expected / self.costs.round_s(width, self.context)
 
+    def pays(self, width: int) -> bool:
+        """Drafting at ``width`` beats plain decoding, its first round's read included."""
+        plain, drafted = self.tokens_per_s(1), self.tokens_per_s(width)
+        if drafted <= plain:
+            return False
+        tokens = self.horizon if self.remaining is None else min(self.horizon, self.remaining)
+        return tokens * (1 / plain - 1 / drafted) > self.costs.catch_up_s(self.unread)
+
+    def probe_interval(self, width: int) -> int:
+        """Plain rounds between probes at ``width``: a failed probe wastes what the round costs
+        beyond a plain step, so that over the interval stays within ``probe_budget``."""
+        extra = self.costs.round_s(width, self.context) / self.costs.round_s(1, self.context) - 1
+        return max(self.probe_every, math.ceil(extra / self.probe_budget))
+
     def update(self, committed: int, width: int, context: int = 0) -> None:
         self.context = context or self.context
-        accepted = committed - 1  # drafts kept (a round cut short by EOS or max_tokens undercounts: harmless)
-        for k in range(min(accepted + 1, width - 1)):  # positions seen: the accepted ones and the first miss
-            self.hits[k] = self.memory * self.hits[k] + (k < accepted)
-            self.seen[k] = self.memory * self.seen[k] + 1
-        best = max(range(1, self.max_width + 1), key=self.tokens_per_s)
+        if self.remaining is not None:
+            self.remaining -= committed
+        if width == 1:
+            self.unread += 1
+        else:
+            self.unread = committed  # the drafter read everything; this round's kept inputs wait
+            accepted = committed - 1  # drafts kept (a round cut short by EOS or max_tokens undercounts: harmless)
+            for k in range(min(accepted + 1, width - 1)):  # positions seen: the accepted ones and the first miss
+                self.hits[k] = self.memory * self.hits[k] + (k < accepted)
+                self.seen[k] = self.memory * self.seen[k] + 1
+        drafting = max(range(2, self.max_width + 1), key=self.tokens_per_s)
+        best = drafting if self.pays(drafting) else 1
         self.plain = self.plain + 1 if best == 1 else 0
-        if self.plain > self.probe_every:
-            best, self.plain = max(range(2, self.max_width + 1), key=self.tokens_per_s), 0
+        if self.plain > self.probe_interval(drafting):
+            self.plain = 0
+            if self.costs.catch_up_s(self.unread) <= self.costs.round_s(1, self.context):
+                best = drafting
         self.width = best
 
 
 def make_schedule(width: int, block_size: BlockSize, policy, refine: bool, costs=None, max_width: int = 8,
-                  context: int = 0) -> Fixed:
+                  context: int = 0, unread: int = 0, remaining: Optional[int] = None) -> Fixed:
     """The schedule of a generation whose block size was picked as ``width``: ``CostAware``
     when ``refine`` and calibrated ``costs`` are given (widths 1 to ``max_width``, the
     drafter's training block size: wider blocks are outside what it learned; or ``width``
-    if larger), else ``Refine`` or ``Fixed``."""
+    if larger; ``context`` tokens cached, ``unread`` of them not yet read by the drafter,
+    ``remaining`` tokens at most to generate), else ``Refine`` or ``Fixed``."""
     if refine and costs is not None:
-        return CostAware(width, costs, max(max_width, width), context)
+        return CostAware(width, costs, max(max_width, width), context, unread, remaining)
     if refine:
         return Refine(width, *refine_window(width, block_size, policy))
     return Fixed(width)

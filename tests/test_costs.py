@@ -14,11 +14,12 @@ from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.schedule import CostAware
 
 
-def costs(draft_s=0.1, verify_growth=0.1):
-    """Synthetic costs: a plain step costs 1 s, each extra verified position ``verify_growth``."""
+def costs(draft_s=0.1, verify_growth=0.1, read_s=0.0):
+    """Synthetic costs: a plain step costs 1 s, each extra verified position ``verify_growth``,
+    the drafter reading a feature it has not seen ``read_s``."""
     widths = [1, 2, 4, 8]
     verify = [1.0 + verify_growth * (w - 1) for w in widths]
-    return Costs(widths, [0, 10000], [verify, verify], [[0.0] + [draft_s] * 3] * 2)
+    return Costs(widths, [1, 10000], [verify, verify], [[0.0] + [draft_s] * 3] * 2, [read_s, read_s * 10000])
 
 
 def test_costs_interpolate_and_extrapolate():
@@ -31,6 +32,11 @@ def test_costs_interpolate_and_extrapolate():
     noisy = Costs([1], [256, 2048], [[1.0], [0.6]], [[0.0], [0.0]])  # a noisy long-context sample
     assert noisy.round_s(1, 100000) == pytest.approx(0.6)  # never extrapolated down to 0 s
     assert Costs.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert c.catch_up_s(5000) == 0.0  # a calibration without read costs (older files)
+    read = Costs([1], [100, 1100], [[1.0], [2.0]], [[0.0], [0.0]], read_s=[0.01, 0.33])
+    assert read.catch_up_s(100) == pytest.approx(0.01) and read.catch_up_s(1100) == pytest.approx(0.33)
+    assert read.catch_up_s(600) == pytest.approx(600 * (0.0001 + 0.0003) / 2) and read.catch_up_s(0) == 0.0
+    assert Costs.from_dict(json.loads(json.dumps(read.to_dict()))) == read
 
 
 def test_noisy_dips_are_smoothed_out():
@@ -82,9 +88,55 @@ def test_cost_aware_rule():
     for _ in range(30):
         s.update(8, 8)  # every draft accepted
     assert s.width == 8 and min(s.rates()) > 0.9
-    for _ in range(30):
-        s.update(1, s.width)  # nothing accepted
+    for _ in range(60):  # nothing accepted (failed probes at width 8 cost 0.8 plain steps: one per 27 rounds)
+        s.update(1, s.width)
     assert s.width in (1, 2) and s.rates()[0] < 0.1
+
+
+def test_drafting_starts_only_when_the_drafters_catch_up_pays_back():
+    # B=3 with the prior: 1.75 tokens per 1.3 s against 1 per 1 s plain: ~0.26 s saved per token
+    cheap, slow = costs(read_s=1e-4), costs(read_s=0.01)
+    assert CostAware(3, cheap, 8, context=8000, unread=8000, remaining=64).width == 3  # 0.8 s read, paid back
+    assert CostAware(3, slow, 8, context=8000, unread=8000, remaining=64).width == 1  # 80 s read: plain
+    assert CostAware(3, slow, 8, context=8000, unread=8000, remaining=1000).width == 1  # the horizon caps the saving
+    assert CostAware(3, slow, 8, context=8000, unread=10, remaining=64).width == 3  # a short prompt
+    assert CostAware(3, cheap, 8, context=8000, unread=8000, remaining=2).width == 1  # too few tokens left
+    s = CostAware(3, slow, 8, context=8000, unread=8000, remaining=500)
+    for _ in range(40):  # plain rounds: no probe while reading the backlog costs more than a plain step
+        s.update(1, 1)
+        assert s.width == 1
+    s = CostAware(3, slow, 8, context=8000, unread=0, remaining=500)
+    for _ in range(6):
+        s.update(1, s.width)  # drafts rejected: plain, then a probe once the backlog is cheap to read
+    widths = []
+    for _ in range(30):
+        s.update(1, s.width)
+        widths.append(s.width)
+    assert widths.count(1) > 20 and max(widths) > 1
+
+
+def test_probes_are_spaced_by_what_a_failed_one_costs():
+    def probes(c, rounds=200):
+        s = CostAware(2, c, 8, context=100, remaining=1000)
+        widths = []
+        for _ in range(rounds):
+            s.update(1, s.width)  # every draft rejected
+            widths.append(s.width)
+        return sum(w > 1 for w in widths[20:])
+
+    assert probes(costs(verify_growth=0.1)) >= 15  # a drafted round costs 1.2 plain steps: every 8 plain rounds
+    assert 3 <= probes(costs(verify_growth=1.0)) <= 6  # 2.1 plain steps: one per ~37, failed probes cost < 3%
+
+
+def test_a_long_unread_prompt_is_decoded_plain_and_exact(qwen3):
+    tok = no_eos(qwen3.tokenizer)
+    prompt = make_prompt(37, seed=4)
+    ref = reference(qwen3.model, prompt, max_tokens=12)
+    right = ScriptedDraft(qwen3.draft.config, prompt + ref, qwen3.cfg["vocab_size"])
+    widths, tokens = widths_of(qwen3.model, right, tok, prompt, costs(read_s=10.0), 12)
+    assert tokens == ref and set(widths) == {1}  # reading 37 features would cost 370 s
+    widths, tokens = widths_of(qwen3.model, right, tok, prompt, costs(read_s=1e-4), 12)
+    assert tokens == ref and max(widths) > 1
 
 
 @pytest.mark.slow
@@ -110,6 +162,7 @@ def test_measure_and_cache(qwen3, tmp_path):
     c = measure(qwen3.model, qwen3.draft, widths=(1, 2, 4), contexts=(16, 64), reps=1)
     assert c.widths == [1, 2, 4] and c.contexts == [16, 64]
     assert all(v > 0 for row in c.verify_s for v in row) and all(row[0] == 0 for row in c.draft_s)
+    assert len(c.read_s) == 2 and all(r >= 0 for r in c.read_s) and c.catch_up_s(64) >= 0
     assert c.round_s(2, 16) > c.round_s(1, 16)
     bundle = Bundle(qwen3.model, qwen3.tokenizer, qwen3.draft, path=tmp_path)
     first = calibrate(bundle)

@@ -16,10 +16,11 @@ def build_parser():
 
 
 def table(costs) -> str:
-    lines = ["| context | " + " | ".join(f"B={w}" for w in costs.widths) + " |",
-             "|---:|" + "---:|" * len(costs.widths)]
+    lines = ["| context | " + " | ".join(f"B={w}" for w in costs.widths) + " | drafter reads the context |",
+             "|---:|" + "---:|" * (len(costs.widths) + 1)]
     for length in costs.contexts:
-        lines.append(f"| {length} | " + " | ".join(f"{costs.round_s(w, length) * 1e3:.1f}" for w in costs.widths) + " |")
+        lines.append(f"| {length} | " + " | ".join(f"{costs.round_s(w, length) * 1e3:.1f}" for w in costs.widths)
+                     + f" | {costs.catch_up_s(length) * 1e3:.1f} |")
     return "\n".join(lines)
 
 
@@ -30,7 +31,8 @@ def _calibrate(args) -> int:
     if args.json:
         print(json.dumps(costs.to_dict()))
     else:
-        print("round cost in ms (verify + draft) by context length and block size B (B=1: plain decoding)")
+        print("round cost in ms (verify + draft) by context length and block size B (B=1: plain decoding),\n"
+              "and what the drafter's first read of that many unseen features adds to a round")
         print(table(costs))
     how = "measured now" if measured else "cached; --force measures again"
     print(f"calibration: {cache_path(bundle)} ({how}; measuring took {costs.seconds:.1f} s)", file=sys.stderr)
