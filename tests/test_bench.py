@@ -168,3 +168,11 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
     assert "by prompt category" in (out / "results.md").read_text()
     check = res["calibration"]
     assert set(check) == {"1", "3"} and all(c["runs"] == 5 and c["median_predicted_over_measured"] > 0 for c in check.values())
+    # --rows: a subset of the rows (mlx-lm always), and a clear error for a row this run does not have
+    assert bench_main(argv + ["--rows", "ours B=3,ours control", "--out", str(tmp_path / "some")]) == 0
+    some = json.loads((tmp_path / "some" / "results.json").read_text())
+    assert {r["config"] for r in some["table"]} == {"mlx-lm", "ours B=3", "ours control", "oracle"}
+    capsys.readouterr()
+    assert bench_main(argv + ["--rows", "ours B=1,ours auto", "--out", str(tmp_path / "none")]) == 2  # no policy
+    assert "--rows ours auto: not a row of this benchmark; its rows are mlx-lm, ours B=1" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import mlx.core as mx
 
 from .. import decode, target
+from ..errors import BlockPilotError
 from ..costs import measure
 from ..options import GenerationOptions
 from .drafters import true_continuation
@@ -178,12 +179,14 @@ def run_benchmark(
     progress: bool = True,
     categories: Optional[Sequence[str]] = None,
     costs=None,
+    rows: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Run every configuration on every prompt, interleaved; return all numbers (see ``summarize``).
 
     ``categories`` names each prompt's kind (chat, code, a context length, ...) for the
     per-category table; with calibrated ``costs`` the per-round controller gets its rows
-    (``control``: from block size 2; ``auto+control``: from the policy's pick)."""
+    (``control``: from block size 2; ``auto+control``: from the policy's pick). ``rows``
+    keeps only the configurations of those names (mlx-lm, the reference, always runs)."""
     from tqdm import tqdm
 
     model, draft, tok = bundle.model, bundle.draft, bundle.tokenizer
@@ -202,6 +205,12 @@ def run_benchmark(
         configs += [("ours control", 2)] + ([("ours auto+control", "auto")] if bundle.policy is not None else [])
     configs += [(f"dflash B={b}", b) for b in dflash_sizes]
     configs += [(f"engine B={b}", b) for b in engine_sizes]
+    if rows:
+        unknown = [r for r in rows if r not in {name for name, _ in configs}]
+        if unknown:
+            raise BlockPilotError(f"--rows {', '.join(unknown)}: not a row of this benchmark; its rows are "
+                                  + ", ".join(name for name, _ in configs))
+        configs = [(name, b) for name, b in configs if name == "mlx-lm" or name in rows]
 
     def one(name, b, prompt, reference, opts):
         if name == "mlx-lm":

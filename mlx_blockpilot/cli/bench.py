@@ -43,6 +43,8 @@ def build_parser():
                    help="also time draft / verify / host per round at block size B (adds syncs)")
     p.add_argument("--profile-prompts", type=int, default=2, help="profile on the first N prompts")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rows", type=lambda v: [r.strip() for r in v.split(",") if r.strip()], default=None,
+                   help='only these rows, e.g. "ours B=1,ours auto+control" (mlx-lm always runs)')
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--out", required=True, help="output directory")
     return p
@@ -103,7 +105,7 @@ def _bench_into(args, argv, sources, texts) -> int:
         bundle, prompts, block_sizes=args.block_sizes, dflash_block_sizes=dsizes, official=official,
         max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         repeats=args.repeats, engine=not args.no_engine, profile=args.profile, profile_prompts=args.profile_prompts,
-        categories=categories if len(set(categories)) > 1 else None, costs=costs,
+        categories=categories if len(set(categories)) > 1 else None, costs=costs, rows=args.rows,
     )
     results["command"] = "python -m mlx_blockpilot.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results["machine"] = machine()
