@@ -26,7 +26,7 @@ from . import target
 from .errors import BlockPilotError
 
 CALIBRATION_FILE = "calibration.json"
-WIDTHS = (1, 2, 3, 4, 6, 8)
+WIDTHS = (1, 2, 3, 4, 8)
 CONTEXTS = (256, 2048, 8192)
 
 
@@ -122,10 +122,10 @@ def _plain_step_s(model, caches: List[Any], ids, token: int, steps: int) -> floa
 
 def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 1,
             progress: Optional[Callable[[str], None]] = None, plain_steps: int = 4) -> Costs:
-    """Time the verify pass and the draft pass at every width and context length (the median
-    of ``reps`` passes, after one pass per context that warms its buffers up), a plain step
-    (width 1) pipelined over ``plain_steps`` steps as decoding runs it, and the drafter
-    reading a whole context's features."""
+    """Time rounds at every width and context length as decoding runs them (the median of
+    ``reps``, after one pass per context that warms its buffers up): a drafted round as one
+    graph (its draft pass also alone, the rest is the verify pass's), a plain step (width 1)
+    pipelined over ``plain_steps`` steps, and the drafter reading a whole context's features."""
     tic = time.perf_counter()
     limit = target.max_context(model)
     contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
@@ -157,24 +157,31 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
         for w in widths:
             tokens = mx.array([[seed[0]] * w])
 
-            def verify():
+            def verify(tokens=tokens, draft_of=None):
+                """A verify pass over ``tokens`` (after the drafter's pass ``draft_of``, in one
+                graph with one sync, as a decoding round runs them), then taken back."""
                 replay = []
+                if draft_of is not None:
+                    drafted = mx.argmax(draft.propose(model, draft_of, ctx, dcache), axis=-1)
+                    tokens = mx.concatenate([tokens[:, :1], drafted[None].astype(tokens.dtype)], axis=1)
                 logits, h = target.forward(model, tokens, caches, ids, replay)
                 mx.eval(logits, h)
                 for c in caches:
                     if c.is_trimmable():
                         c.trim(w)
                 target.rewind_linear(model, replay, 0)
+                if draft_of is not None:
+                    for c in dcache:
+                        c.trim(1)
 
+            ctx = hidden[:, :1]
             if w == widths[0]:
                 verify()  # warm-up: the context's buffers are allocated here
             if w == 1:
                 v_row.append(_plain_step_s(model, caches, ids, seed[0], plain_steps))
                 d_row.append(0.0)
                 continue
-            v_row.append(_median_s(verify, reps))
             block = mx.array([[seed[0]] + [mask] * (w - 1)])
-            ctx = hidden[:, :1]
 
             def draft_pass():
                 mx.eval(draft.propose(model, block, ctx, dcache))
@@ -184,9 +191,11 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
             if len(d_row) == 1:
                 draft_pass()  # warm-up
             d_row.append(_median_s(draft_pass, reps))
+            # the verify pass's share of a whole round (draft and verify in one graph)
+            v_row.append(max(0.0, _median_s(lambda: verify(draft_of=block), reps) - d_row[-1]))
         verify_s.append(v_row)
         draft_s.append(d_row)
-    # Plain steps are timed pipelined, the passes of drafted rounds one by one: a line each.
+    # Plain steps are timed pipelined, drafted rounds as one graph each: a line through the latter.
     verify_s = monotone([row[:1] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
                          for row in verify_s])
     draft_s = monotone([[0.0] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
@@ -238,7 +247,7 @@ def machine_key() -> Dict[str, Any]:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "mlx_blockpilot": __version__,
-        "method": 3,  # straight lines through drafted widths' timings, plain steps pipelined, read costs
+        "method": 4,  # drafted rounds as one graph (a straight line by width), plain steps pipelined, reads
     }
 
 

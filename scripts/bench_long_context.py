@@ -1,0 +1,97 @@
+"""Decoding after a long prompt: mlx-lm, our plain decoding and our default, interleaved.
+
+    scripts/with-openblas python scripts/bench_long_context.py --context-lengths 4096,8000 --repeats 3
+
+The long prompt (held-out chat prompts quoted to about N tokens, as ``bench --context-lengths``
+builds it) is prefilled once per length: every run starts from the same target cache holding
+all but the prompt's last token, and our runs from a drafter that has read none of it (as on a
+first turn), so repeats cost decoding only, not minutes of prefill. Prints decode tokens/s after
+the first token (medians), the ratios to mlx-lm, and the widths our default chose.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step as mlx_lm_step
+from mlx_lm.models.cache import trim_prompt_cache
+
+from mlx_blockpilot.bundle import load
+from mlx_blockpilot.costs import calibrate
+from mlx_blockpilot.decode import generate_step, make_cache
+from mlx_blockpilot.demo import ensure_bundle
+from mlx_blockpilot.options import GenerationOptions
+from mlx_blockpilot.prompts import load_prompts, long_prompt
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", default="/work/runs/prompts/heldout.jsonl")
+    parser.add_argument("--context-lengths", default="4096,8000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default=None, help="write the runs as JSON here")
+    args = parser.parse_args()
+    bundle = load(ensure_bundle())
+    model, draft, n = bundle.model, bundle.draft, args.max_tokens
+    costs = calibrate(bundle)
+    texts = load_prompts(args.prompts)
+    results = []
+    for length in (int(x) for x in args.context_lengths.split(",")):
+        prompt = long_prompt(bundle.tokenizer, texts, length)
+        cache = make_cache(model, draft)
+        tic = time.perf_counter()
+        for _ in generate_step(model, draft, prompt, GenerationOptions(max_tokens=1, block_size=1), prompt_cache=cache):
+            pass
+        print(f"{len(prompt)} prompt tokens prefilled in {time.perf_counter() - tic:.0f} s", flush=True)
+        features = cache.pending
+        mx.eval(features)
+        kept = len(prompt) - 1
+
+        def reset():  # the target holds all but the last prompt token; the drafter has read none of it
+            trim_prompt_cache(cache.target, cache.target[0].offset - kept)
+            del cache.tokens[kept:]
+            cache.draft, cache.pending = draft.make_cache(), features[:, :kept]
+
+        def mlx_lm():
+            reset()
+            steps = mlx_lm_step(mx.array(prompt[kept:]), model, max_tokens=n, prompt_cache=cache.target)
+            next(steps)
+            tic = time.perf_counter()
+            count = sum(1 for _ in steps)
+            return count / (time.perf_counter() - tic), []
+
+        def ours(block_size, refine):
+            reset()
+            opts = GenerationOptions(max_tokens=n, block_size=block_size, refine=refine)
+            steps = generate_step(model, draft, prompt, opts, policy=bundle.policy, prompt_cache=cache,
+                                  costs=costs if refine else None)
+            next(steps)
+            tic = time.perf_counter()
+            widths, count = [], 0
+            for s in steps:
+                widths.append(s.width)
+                count += len(s.tokens)
+            return count / (time.perf_counter() - tic), widths
+
+        rows = {"mlx-lm": mlx_lm, "ours B=1": lambda: ours(1, False), "ours auto+control": lambda: ours("auto", True)}
+        speeds = {name: [] for name in rows}
+        for rep in range(args.repeats):
+            for name, run in rows.items():
+                tps, widths = run()
+                speeds[name].append(tps)
+                results.append(dict(context=len(prompt), config=name, repeat=rep, tokens_per_s=tps, widths=widths))
+                print(f"{len(prompt)} {name:18s} {tps:6.2f} tok/s  widths {widths}", flush=True)
+        base = statistics.median(speeds["mlx-lm"])
+        for name, v in speeds.items():
+            print(f"{len(prompt)} tokens: {name:18s} median {statistics.median(v):6.2f} tok/s = "
+                  f"{statistics.median(v) / base:.2f}x mlx-lm  {[round(x, 2) for x in v]}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
