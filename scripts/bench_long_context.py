@@ -6,7 +6,8 @@ The long prompt (held-out chat prompts quoted to about N tokens, as ``bench --co
 builds it) is prefilled once per length: every run starts from the same target cache holding
 all but the prompt's last token, and our runs from a drafter that has read none of it (as on a
 first turn), so repeats cost decoding only, not minutes of prefill. Prints decode tokens/s after
-the first token (medians), the ratios to mlx-lm, and the widths our default chose.
+the first token (medians), the ratios to mlx-lm, whether our tokens equal mlx-lm's, and the
+widths our default chose.
 """
 
 import argparse
@@ -32,7 +33,7 @@ def main():
     parser.add_argument("--context-lengths", default="4096,8000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", default=None, help="write the runs as JSON here")
+    parser.add_argument("--out", default=None, help="write the runs here (JSON) and a PNG beside it")
     args = parser.parse_args()
     bundle = load(ensure_bundle())
     model, draft, n = bundle.model, bundle.draft, args.max_tokens
@@ -58,32 +59,36 @@ def main():
         def mlx_lm():
             reset()
             steps = mlx_lm_step(mx.array(prompt[kept:]), model, max_tokens=n, prompt_cache=cache.target)
-            next(steps)
+            tokens = [next(steps)[0]]
             tic = time.perf_counter()
-            count = sum(1 for _ in steps)
-            return count / (time.perf_counter() - tic), []
+            tokens += [t for t, _ in steps]
+            return (len(tokens) - 1) / (time.perf_counter() - tic), [], tokens
 
         def ours(block_size, refine):
             reset()
             opts = GenerationOptions(max_tokens=n, block_size=block_size, refine=refine)
             steps = generate_step(model, draft, prompt, opts, policy=bundle.policy, prompt_cache=cache,
                                   costs=costs if refine else None)
-            next(steps)
+            tokens = list(next(steps).tokens)
             tic = time.perf_counter()
-            widths, count = [], 0
+            widths = []
             for s in steps:
                 widths.append(s.width)
-                count += len(s.tokens)
-            return count / (time.perf_counter() - tic), widths
+                tokens += s.tokens
+            return (len(tokens) - 1) / (time.perf_counter() - tic), widths, tokens
 
         rows = {"mlx-lm": mlx_lm, "ours B=1": lambda: ours(1, False), "ours auto+control": lambda: ours("auto", True)}
         speeds = {name: [] for name in rows}
         for rep in range(args.repeats):
             for name, run in rows.items():
-                tps, widths = run()
+                tps, widths, tokens = run()
+                if name == "mlx-lm":
+                    reference = tokens
+                same = tokens == reference  # greedy: ours must equal mlx-lm's tokens (EOS is not a stop here)
                 speeds[name].append(tps)
-                results.append(dict(context=len(prompt), config=name, repeat=rep, tokens_per_s=tps, widths=widths))
-                print(f"{len(prompt)} {name:18s} {tps:6.2f} tok/s  widths {widths}", flush=True)
+                results.append(dict(context=len(prompt), config=name, repeat=rep, tokens_per_s=tps, widths=widths,
+                                    same_tokens=same))
+                print(f"{len(prompt)} {name:18s} {tps:6.2f} tok/s  same tokens {same}  widths {widths}", flush=True)
         base = statistics.median(speeds["mlx-lm"])
         for name, v in speeds.items():
             print(f"{len(prompt)} tokens: {name:18s} median {statistics.median(v):6.2f} tok/s = "
@@ -91,6 +96,31 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+        plot(results, args.out.rsplit(".", 1)[0] + ".png")
+
+
+def plot(results, path):
+    """Median tokens/s against mlx-lm's by context length, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def median(config, context):
+        return statistics.median(r["tokens_per_s"] for r in results if r["config"] == config and r["context"] == context)
+
+    contexts = sorted({r["context"] for r in results})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config in dict.fromkeys(r["config"] for r in results):
+        ax.plot(contexts, [median(config, c) / median("mlx-lm", c) for c in contexts], "o-", label=config)
+    ax.axhline(0.97, color="tab:red", lw=1, ls="--", label="3% slower than mlx-lm")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("decode tokens/s / mlx-lm's (median)")
+    ax.set_title("Decoding after a long prompt")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
