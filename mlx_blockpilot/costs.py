@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
 from . import target
 from .errors import BlockPilotError
@@ -98,6 +98,15 @@ def _median_s(fn: Callable[[], None], reps: int) -> float:
     return statistics.median(times)
 
 
+def _take_back(model, caches: List[Any], written: int, replay: List[Any]) -> None:
+    """Take a timed pass of ``written`` positions off the target's caches: attention layers
+    trimmed, linear-attention layers back to their state before it."""
+    for c in caches:
+        if c.is_trimmable():
+            c.trim(written)
+    target.rewind_linear(model, replay, 0)
+
+
 def _plain_step_s(model, caches: List[Any], ids, token: int, steps: int) -> float:
     """Seconds per plain decoding step when each step is built on the previous one's lazy
     next token before waiting for it (as ``decode.generate_step`` runs them); the caches are
@@ -113,10 +122,7 @@ def _plain_step_s(model, caches: List[Any], ids, token: int, steps: int) -> floa
             built.item()
     nxt.item()
     seconds = (time.perf_counter() - tic) / steps
-    for c in caches:
-        if c.is_trimmable():
-            c.trim(steps)
-    target.rewind_linear(model, replay, 0)
+    _take_back(model, caches, steps, replay)
     return seconds
 
 
@@ -149,8 +155,7 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
             start = time.perf_counter()
             mx.eval(draft.propose(model, pair, features, dcache))
             reads.append(time.perf_counter() - start)
-            for c in dcache:
-                c.trim(c.offset - 1)
+            trim_prompt_cache(dcache, dcache[0].offset - 1)
         read_s.append(max(0.0, reads[0] - reads[1]))
         _fill(dcache, length)
         v_row, d_row = [], []
@@ -166,13 +171,9 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                     tokens = mx.concatenate([tokens[:, :1], drafted[None].astype(tokens.dtype)], axis=1)
                 logits, h = target.forward(model, tokens, caches, ids, replay)
                 mx.eval(logits, h)
-                for c in caches:
-                    if c.is_trimmable():
-                        c.trim(w)
-                target.rewind_linear(model, replay, 0)
+                _take_back(model, caches, w, replay)
                 if draft_of is not None:
-                    for c in dcache:
-                        c.trim(1)
+                    trim_prompt_cache(dcache, 1)
 
             ctx = hidden[:, :1]
             if w == widths[0]:
@@ -185,8 +186,7 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
 
             def draft_pass():
                 mx.eval(draft.propose(model, block, ctx, dcache))
-                for c in dcache:
-                    c.trim(1)
+                trim_prompt_cache(dcache, 1)
 
             if len(d_row) == 1:
                 draft_pass()  # warm-up

@@ -100,16 +100,24 @@ class CostAware(Fixed):
     def rates(self) -> list:
         return [h / s for h, s in zip(self.hits, self.seen)]
 
-    def tokens_per_s(self, width: int) -> float:
-        expected, run = 1.0, 1.0
-        for r in self.rates()[: width - 1]:
-            run *= r
-            expected += run
-        return expected / self.costs.round_s(width, self.context)
+    def speeds(self) -> list:
+        """Expected committed tokens per second at every width 1..max_width (index width - 1)."""
+        out, expected, run = [], 1.0, 1.0
+        for width, r in enumerate([None] + self.rates(), start=1):
+            if r is not None:
+                run *= r
+                expected += run
+            out.append(expected / self.costs.round_s(width, self.context))
+        return out
 
-    def pays(self, width: int) -> bool:
-        """Drafting at ``width`` beats plain decoding, its first round's read included."""
-        plain, drafted = self.tokens_per_s(1), self.tokens_per_s(width)
+    def tokens_per_s(self, width: int) -> float:
+        return self.speeds()[width - 1]
+
+    def pays(self, width: int, speeds: Optional[list] = None) -> bool:
+        """Drafting at ``width`` beats plain decoding, its first round's read included
+        (``speeds``: this update's ``speeds()``, computed once)."""
+        speeds = speeds or self.speeds()
+        plain, drafted = speeds[0], speeds[width - 1]
         if drafted <= plain:
             return False
         tokens = self.horizon if self.remaining is None else min(self.horizon, self.remaining)
@@ -133,8 +141,9 @@ class CostAware(Fixed):
             for k in range(min(accepted + 1, width - 1)):  # positions seen: the accepted ones and the first miss
                 self.hits[k] = self.memory * self.hits[k] + (k < accepted)
                 self.seen[k] = self.memory * self.seen[k] + 1
-        drafting = max(range(2, self.max_width + 1), key=self.tokens_per_s)
-        best = drafting if self.pays(drafting) else 1
+        speeds = self.speeds()
+        drafting = max(range(2, self.max_width + 1), key=lambda w: speeds[w - 1])
+        best = drafting if self.pays(drafting, speeds) else 1
         self.plain = self.plain + 1 if best == 1 else 0
         if self.plain > self.probe_interval(drafting):
             self.plain = 0
