@@ -207,6 +207,34 @@ def test_preconditioned_fc_is_folded_exactly(qwen3, tmp_path):
                                np.array(block_hidden(draft, qwen3.model, batch)), atol=1e-5, rtol=1e-5)
 
 
+def test_warm_start_grows_a_drafter_without_changing_what_it_proposes(qwen3, tmp_path):
+    """A 1-layer drafter grown to 3 layers proposes exactly what it did; then training moves the new layers."""
+    from mlx_blockpilot.draft import save_draft
+    from mlx_blockpilot.training.draft_trainer import warm_start
+
+    data = _distilled(qwen3, tmp_path)
+    small = init_draft(qwen3.model, make_config(qwen3.model, 1, LAYERS, 5, qwen3.mask_id), seed=1)
+    small.fc.weight = small.fc.weight * 1.5  # not what a fresh init would give
+    save_draft(small, tmp_path / "small")
+    big = init_draft(qwen3.model, make_config(qwen3.model, 3, LAYERS, 5, qwen3.mask_id), seed=2)
+    assert warm_start(big, tmp_path / "small") == 2
+    batch = sample_batch(data, [0, 1, 2], 3, 5, qwen3.mask_id, np.random.default_rng(0))
+    np.testing.assert_allclose(np.array(block_hidden(big, qwen3.model, batch)),
+                               np.array(block_hidden(small, qwen3.model, batch)), atol=1e-5, rtol=1e-5)
+    new = {k: np.array(v) for k, v in tree_flatten(big.layers[0].parameters())}
+    assert not new["self_attn.o_proj.weight"].any() and not new["mlp.down_proj.weight"].any()
+    assert new["self_attn.q_proj.weight"].any()  # the rest of a new layer keeps its initial weights
+    train(qwen3.model, qwen3.tokenizer, big, data, tmp_path / "out", 5, batch_size=2, blocks_per_seq=4,
+          lr=1e-3, warmup=0, vocab_sample=0, progress=False)
+    assert np.array(big.layers[0].self_attn.o_proj.weight).any() and np.array(big.layers[1].mlp.down_proj.weight).any()
+    # a source with more layers, or other layers, is refused
+    with pytest.raises(BlockPilotError, match="another shape"):
+        warm_start(small, tmp_path / "out")
+    other = init_draft(qwen3.model, make_config(qwen3.model, 3, (0, 1, 3), 5, qwen3.mask_id))
+    with pytest.raises(BlockPilotError, match="another shape"):
+        warm_start(other, tmp_path / "small")
+
+
 def _cli(tiny, prompts_file, out, steps, *extra):
     return main([
         "--target", str(tiny.target_dir), "--prompts", str(prompts_file), "--out", str(out),

@@ -129,19 +129,37 @@ def set_draft_vocab(draft: DFlashDraft, ids: np.ndarray) -> None:
     draft.d2t = mx.array(ids - np.arange(len(ids)), dtype=mx.int64)
 
 
-def warm_start(draft: DFlashDraft, path) -> None:
-    """Start ``draft`` from the weights of the drafter in ``path`` (same shape; its
-    vocabulary table, if any, is not taken)."""
+def warm_start(draft: DFlashDraft, path) -> int:
+    """Start ``draft`` from the weights of the drafter in ``path`` (its vocabulary table, if
+    any, is not taken); returns how many layers were added.
+
+    A source with fewer layers (of the same shape) grows: its layers become ``draft``'s last
+    ones and the new first layers keep their initial weights with their output projections
+    (``o_proj``, ``down_proj``) zeroed, so each starts as the identity on the residual stream
+    and the grown drafter proposes exactly what the source did until training moves it."""
     from ..draft import load_draft
 
-    src = dict(tree_flatten(load_draft(path).parameters()))
+    source = load_draft(path)
+    extra = draft.config.num_hidden_layers - source.config.num_hidden_layers
+    src = {}
+    for k, v in tree_flatten(source.parameters()):
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            k = f"layers.{int(i) + max(extra, 0)}.{rest}"
+        src[k] = v
     src.pop("d2t", None)
     mine = dict(tree_flatten(draft.parameters()))
+    new = {k for k in mine if extra > 0 and k.startswith("layers.") and int(k.split(".")[1]) < extra}
     bad = [k for k, v in src.items() if k not in mine or mine[k].shape != v.shape]
-    if bad or set(mine) - set(src) - {"d2t"}:
-        raise BlockPilotError(f"--init-from {path} is a drafter of another shape ({(bad or sorted(set(mine) - set(src)))[:3]}...)")
-    draft.load_weights([(k, v.astype(mx.float32)) for k, v in src.items()], strict=False)
+    if extra < 0 or bad or set(mine) - set(src) - new - {"d2t"}:
+        what = (f"{source.config.num_hidden_layers} layers, more than --layers {draft.config.num_hidden_layers}"
+                if extra < 0 else (bad or sorted(set(mine) - set(src) - new))[:3])
+        raise BlockPilotError(f"--init-from {path} is a drafter of another shape ({what}...)")
+    weights = [(k, v.astype(mx.float32)) for k, v in src.items()]
+    weights += [(k, mx.zeros_like(mine[k])) for k in new if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    draft.load_weights(weights, strict=False)
     mx.eval(draft.parameters())
+    return max(extra, 0)
 
 
 def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
