@@ -235,6 +235,23 @@ def test_warm_start_grows_a_drafter_without_changing_what_it_proposes(qwen3, tmp
         warm_start(other, tmp_path / "small")
 
 
+def test_validation_sequences_come_from_the_first_data_set():
+    from mlx_blockpilot.training.draft_trainer import split_validation
+
+    def seqs(first, n):
+        return [Example(np.array([first + i, 1], np.int32), 1, np.zeros((1, 2), np.float16)) for i in range(n)]
+
+    one, two = seqs(0, 10), seqs(100, 7)
+    ids = lambda xs: [int(e.tokens[0]) for e in xs]
+    train1, val1 = split_validation([one], 3)
+    train2, val2 = split_validation([one, two], 3)
+    assert ids(val1) == ids(val2) == [0, 4, 9]  # spread over the first set, whatever follows it
+    assert ids(train2) == ids(train1) + list(range(100, 107))
+    assert split_validation([one, two], 0) == (one + two, [])
+    with pytest.raises(BlockPilotError, match="leaves no sequence of the first data set"):
+        split_validation([seqs(0, 3), two], 3)
+
+
 def _cli(tiny, prompts_file, out, steps, *extra):
     return main([
         "--target", str(tiny.target_dir), "--prompts", str(prompts_file), "--out", str(out),

@@ -20,6 +20,7 @@ from ..training.draft_trainer import (
     resolve_target,
     select_draft_vocab,
     set_draft_vocab,
+    split_validation,
     train,
     warm_start,
 )
@@ -69,7 +70,7 @@ def build_parser():
                    help="held-out prompts decoded at each evaluation (default: all of --holdout)")
     p.add_argument("--eval-block-size", type=int, default=None, help="block size of the evaluations (default --block-size)")
     p.add_argument("--val-sequences", type=int, default=0,
-                   help="distilled sequences kept out of training for a teacher-forced acceptance estimate")
+                   help="distilled sequences of the first data set kept out of training for a teacher-forced acceptance estimate")
     p.add_argument("--eval-block-sizes", type=lambda v: [] if v in ("", "none") else block_sizes_arg(v), default=[4, 8, 16],
                    help="final held-out report, e.g. 4,8 (none to skip)")
     data = p.add_mutually_exclusive_group()
@@ -140,18 +141,12 @@ def _train_into(args, out: Path) -> int:
         bar.set_postfix(tok_s=f"{gen['answer_tokens'] / (time.perf_counter() - tic):.1f}")
     bar.close()
     gen_s = time.perf_counter() - tic
-    examples = [e for data_dir in data_dirs for e in distill.load_data(data_dir)]
+    sets = [distill.load_data(data_dir) for data_dir in data_dirs]
+    examples = [e for one in sets for e in one]
     if args.export_tokens:
         distill.write_token_file(examples, args.export_tokens, {"target": str(args.target), "prompts": str(args.prompts),
                                                                 "max_new_tokens": args.max_new_tokens})
-    if args.val_sequences:
-        if args.val_sequences >= len(examples):
-            raise BlockPilotError(f"--val-sequences {args.val_sequences} leaves no sequence to train on")
-        picked = set(np.linspace(0, len(examples) - 1, args.val_sequences).round().astype(int).tolist())
-        val = [e for i, e in enumerate(examples) if i in picked]  # spread over short and long prompts
-        examples = [e for i, e in enumerate(examples) if i not in picked]
-    else:
-        val = []
+    examples, val = split_validation(sets, args.val_sequences)
     answer_tokens = sum(e.answer_len for e in examples)
     steps = args.steps
     if steps is None:

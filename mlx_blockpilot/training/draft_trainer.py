@@ -249,6 +249,19 @@ def sample_batch(
     return {"features": feats, "blocks": blocks, "anchors": anchors, "labels": labels, "valid": valid}
 
 
+def split_validation(sets: Sequence[Sequence[distill.Example]], count: int):
+    """(training, validation) sequences of the data ``sets``: ``count`` validation sequences spread
+    evenly over the first set (its short and long prompts alike), so adding sets after it keeps
+    the same validation sequences, out of training."""
+    if not count:
+        return [e for one in sets for e in one], []
+    if count >= len(sets[0]):
+        raise BlockPilotError(f"--val-sequences {count} leaves no sequence of the first data set to train on")
+    picked = set(np.linspace(0, len(sets[0]) - 1, count).round().astype(int).tolist())
+    val = [e for i, e in enumerate(sets[0]) if i in picked]
+    return [e for i, e in enumerate(sets[0]) if i not in picked] + [e for one in sets[1:] for e in one], val
+
+
 def block_hidden(draft: DFlashDraft, model, batch: Dict[str, np.ndarray]) -> mx.array:
     """Normalised drafter hidden states of every block position ``(S, nb*B, H)``."""
     S, nb, B = batch["blocks"].shape
