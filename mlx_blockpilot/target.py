@@ -276,10 +276,36 @@ def forward(
     return logits, hidden
 
 
-def _plain_layers(inner, h, caches, masks, kinds, replay) -> Iterator[mx.array]:
+def logits_from_layer(model: nn.Module, h: mx.array, layer_id: int, head: Optional[nn.Module] = None) -> mx.array:
+    """The logits of a whole sequence from the output ``h`` ``(B, L, hidden)`` of its layer
+    ``layer_id`` (a tapped feature): the layers after it over ``h`` with no cache, then the
+    final norm and the head (``head``: e.g. ``head_rows`` of some vocabulary rows; default the
+    target's, soft-capped as ``forward`` does). For distillation: the target's distributions
+    of stored sequences for a few layers' cost instead of a whole forward pass."""
+    fam = family(model)
+    inner = _inner(model)
+    if fam.layers is not None:
+        raise BlockPilotError(f"{model_type(model)} targets run their layers as a whole; "
+                              "their logits cannot be computed from one layer's output")
+    kinds = fam.kinds(inner)[layer_id + 1 :]
+    window = fam.window(inner)
+    masks = [create_ssm_mask(h, None) if kind == LINEAR
+             else create_attention_mask(h, None, window_size=window if kind == SLIDING else None) for kind in kinds]
+    rest = inner.layers[layer_id + 1 :]
+    for h in _plain_layers(inner, h, [None] * len(rest), masks, kinds, None, rest):
+        pass
+    h = inner.norm(h)
+    if head is not None:
+        return head(h)
+    logits = lm_head(model, h)
+    cap = fam.logit_cap(_text(model))
+    return mx.tanh(logits / cap) * cap if cap else logits
+
+
+def _plain_layers(inner, h, caches, masks, kinds, replay, layers=None) -> Iterator[mx.array]:
     """``layer(h, mask, cache)`` for every layer, recording what linear-attention layers need
-    to be taken back (``rewind_linear``)."""
-    for layer, c, mask, kind in zip(inner.layers, caches, masks, kinds):
+    to be taken back (``rewind_linear``); ``layers``: a run of them (default all)."""
+    for layer, c, mask, kind in zip(inner.layers if layers is None else layers, caches, masks, kinds):
         if kind == LINEAR and replay is not None:
             replay.append((layer, c, list(c.cache), h))
         h = layer(h, mask, c)

@@ -149,6 +149,59 @@ def _distilled(tiny, tmp_path, n=6, max_new=24):
     return load_data(tmp_path / "data")
 
 
+@pytest.mark.parametrize("layer_id", [0, 2, 3])
+def test_logits_from_a_tapped_layer_equal_the_forward_pass(tiny, layer_id):
+    n = target.num_layers(tiny.model)
+    layer_id = min(layer_id, n - 1)
+    tokens = mx.array([make_prompt(23, seed=3)])
+    logits, h = target.forward(tiny.model, tokens, make_prompt_cache(tiny.model), [layer_id])
+    np.testing.assert_allclose(np.array(target.logits_from_layer(tiny.model, h, layer_id)), np.array(logits),
+                               atol=1e-4, rtol=1e-4)
+    ids = mx.array([3, 7, 40])
+    rows = target.logits_from_layer(tiny.model, h, layer_id, target.head_rows(tiny.model, ids))
+    np.testing.assert_allclose(np.array(rows), np.array(logits[..., ids]), atol=1e-4, rtol=1e-4)
+
+
+def test_soft_labels_are_the_targets_distribution_at_each_label(qwen3, tmp_path):
+    from mlx_blockpilot.training.draft_trainer import soft_label_agreement, soft_labels
+
+    data = _distilled(qwen3, tmp_path)
+    head = target.head_weight(qwen3.model)
+    soft = soft_labels(qwen3.model, data, LAYERS, head, 5, batch_size=4, progress=False)
+    e, s = data[2], soft[2]
+    assert s.ids.shape == s.p.shape == (len(e.tokens) - 1, 5)
+    np.testing.assert_allclose(s.p.astype(np.float32).sum(-1), 1.0, atol=2e-3)
+    # the distribution after position j is the target's own at j, from a real forward pass
+    logits, _ = target.forward(qwen3.model, mx.array(e.tokens[None, :-1]), make_prompt_cache(qwen3.model), LAYERS)
+    top = np.argsort(-np.array(logits[0]), axis=-1)[:, :5]
+    assert (np.sort(s.ids, -1) == np.sort(top, -1)).mean() > 0.95
+    # greedy answers: the most likely soft label is the next answer token
+    assert soft_label_agreement(data, soft, np.arange(qwen3.cfg["vocab_size"])) > 0.95
+    batch = sample_batch(data, [1, 2], 4, 5, qwen3.mask_id, np.random.default_rng(0), soft=soft)
+    best = np.take_along_axis(batch["soft_ids"], np.argmax(batch["soft_p"], -1)[..., None], -1)[..., 0]
+    assert (best[batch["valid"]] == batch["labels"][batch["valid"]]).mean() > 0.95
+    # a one-hot soft label on the target's token is the hard loss
+    draft = init_draft(qwen3.model, make_config(qwen3.model, 1, LAYERS, 5, qwen3.mask_id))
+    t = prepare_loss(batch, 3.0, qwen3.cfg["vocab_size"], 0, np.random.default_rng(0))
+    hard = block_loss(draft, qwen3.model, batch, t, head).item()
+    onehot = dict(t, soft_ids=t["labels"][:, None], soft_p=mx.ones((t["labels"].shape[0], 1)))
+    assert block_loss(draft, qwen3.model, batch, onehot, head, soft_weight=1.0).item() == pytest.approx(hard, rel=1e-5)
+    # half on the target's token, half on another: the mean of the two hard losses; soft_weight mixes
+    other = (t["labels"] + 1) % qwen3.cfg["vocab_size"]
+    hard2 = block_loss(draft, qwen3.model, batch, dict(t, labels=other), head).item()
+    half = dict(t, soft_ids=mx.stack([t["labels"], other], axis=1), soft_p=mx.full((other.shape[0], 2), 0.5))
+    assert block_loss(draft, qwen3.model, batch, half, head, soft_weight=1.0).item() == pytest.approx((hard + hard2) / 2, rel=1e-5)
+    mixed = block_loss(draft, qwen3.model, batch, half, head, soft_weight=0.25).item()
+    assert mixed == pytest.approx(0.75 * hard + 0.25 * (hard + hard2) / 2, rel=1e-5)
+    with pytest.raises(BlockPilotError, match="soft labels need"):
+        prepare_loss(batch, 3.0, qwen3.cfg["vocab_size"], 64, np.random.default_rng(0))
+    recs = train(qwen3.model, qwen3.tokenizer, draft, data, tmp_path / "out", 30, batch_size=4, blocks_per_seq=4,
+                 lr=3e-3, warmup=2, vocab_sample=0, progress=False, soft_k=5, soft_weight=0.5)
+    assert recs[0]["soft_labels"] == 5 and recs[0]["soft_label_agreement"] > 0.95
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
 def test_loss_decreases_when_overfitting(qwen3, tmp_path):
     data = _distilled(qwen3, tmp_path)
     cfg = make_config(qwen3.model, 1, LAYERS, 8, qwen3.mask_id)
@@ -335,13 +388,15 @@ def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_pat
     first = tmp_path / "first"
     assert _cli(llama, pf, first, 2, "--export-tokens", str(tmp_path / "tokens.safetensors")) == 0
     out = tmp_path / "reduced"
-    assert _cli(llama, pf, out, 4, "--draft-vocab", "60", "--causal", "--init-from", str(first),
+    assert _cli(llama, pf, out, 4, "--draft-vocab", "60", "--causal", "--init-from", str(first), "--soft-labels", "4",
                 "--val-sequences", "1", "--eval-block-size", "4", "--data-tokens", str(tmp_path / "tokens.safetensors")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sequences"] == 3  # 4 sequences of the token file, 1 kept out for validation
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["draft_vocab_size"] == 60 and cfg["is_causal"] is True
     draft = load_draft(out)
+    soft = [r for r in read_log(out / "train_log.jsonl") if "soft_labels" in r]
+    assert soft[0]["soft_labels"] == 4 and soft[0]["soft_label_agreement"] > 0.9  # greedy answers
     evals = [r for r in read_log(out / "train_log.jsonl") if "val_acceptance" in r]
     assert evals[0]["step"] == 0 and evals[0]["train_cpu_h"] == 0  # where the curve starts
     evals = evals[1:]
@@ -380,6 +435,8 @@ def test_cli_reduced_vocabulary_causal_warm_start_and_token_files(llama, tmp_pat
         (["--draft-vocab", "0"], "--draft-vocab must be in"),
         (["--val-sequences", "-1"], "--val-sequences must be >= 0"),
         (["--eval-block-size", "1"], "--eval-block-size must be >= 2"),
+        (["--soft-weight", "1.5"], "--soft-weight in 0..1"),
+        (["--soft-labels", "8", "--vocab-sample", "100"], "soft labels need a reduced draft vocabulary"),
         (["--out", "/proc/1/draft-out"], "cannot write into"),
     ],
 )

@@ -60,6 +60,10 @@ def build_parser():
     p.add_argument("--vocab-sample", type=int, default=8192,
                    help="softmax candidates per step (0 = full vocab; not used with --draft-vocab)")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--soft-labels", type=int, default=0, metavar="K",
+                   help="also distil the target's top-K distribution at every label (computed from the stored "
+                        "features of the deepest tapped layer; 0 = hard labels only)")
+    p.add_argument("--soft-weight", type=float, default=0.5, help="share of the soft labels in the loss (0..1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint (same --steps)")
     p.add_argument("--stop-after", type=int, default=None, help="end this run at that step (resume later)")
@@ -93,6 +97,11 @@ def _train_draft(args) -> int:
         if v is not None and v < low:
             raise BlockPilotError(f"{name} must be >= {low}, got {v}")
     check_shape(args.layers, args.block_size)
+    if args.soft_labels < 0 or not 0 <= args.soft_weight <= 1:
+        raise BlockPilotError(f"--soft-labels must be >= 0 and --soft-weight in 0..1, got {args.soft_labels} and {args.soft_weight}")
+    if args.soft_labels and args.draft_vocab is None and args.vocab_sample > 0:
+        raise BlockPilotError("soft labels need a reduced draft vocabulary or the full softmax: "
+                              "add --draft-vocab N or --vocab-sample 0")
     # a run that stops on bad input leaves no new --out behind, unless distillation already filled it
     with output_dir(args.out, "--out", keep=("data", "checkpoint")) as out:
         return _train_into(args, out)
@@ -165,6 +174,7 @@ def _train_into(args, out: Path) -> int:
         checkpoint_every=args.checkpoint_every, eval_prompts=held[: args.eval_prompts], eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, progress=not args.no_progress, stop_after=args.stop_after,
         val_examples=val, eval_block_size=args.eval_block_size, weight_decay=args.weight_decay,
+        soft_k=args.soft_labels, soft_weight=args.soft_weight,
     )
     final = {b: acceptance(model, draft, tokenizer, held, b, args.eval_tokens) for b in args.eval_block_sizes}
     step_s = [r["s"] for r in records if "s" in r]

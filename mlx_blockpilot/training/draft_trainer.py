@@ -12,7 +12,9 @@
    softmax runs over the batch's label tokens plus a uniform sample of the rest of
    the vocabulary (``--vocab-sample``; log-correction for the sampled share).
    ``fc`` trains on features divided by their per-column RMS (``feature_scale``),
-   folded back into the saved weights.
+   folded back into the saved weights. Optionally (``soft_k``) the loss also distils the
+   target's top-k distribution at each label (``soft_labels``, computed once from the
+   stored features of the deepest tapped layer).
 3. Checkpoints (``--resume``), a JSONL log, a loss plot and held-out acceptance
    measured with ``decode.generate``; the output directory is a z-lab drafter.
 """
@@ -20,6 +22,7 @@
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -205,6 +208,67 @@ def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
 
 
 # ---------------------------------------------------------------------------
+# Soft labels: the target's own distributions over the draft vocabulary
+
+
+@dataclass
+class SoftLabels:
+    """The target's ``k`` most likely next tokens after every position of one sequence (rows
+    as its features: position ``j`` predicts token ``j + 1``), as draft-vocabulary indices
+    ``ids`` ``(len - 1, k)`` with their probabilities ``p`` renormalised over those ``k``."""
+
+    ids: np.ndarray
+    p: np.ndarray
+
+
+def soft_labels(model, examples: Sequence[distill.Example], layer_ids: Sequence[int], head: mx.array, k: int,
+                batch_size: int = 16, progress: bool = True) -> List[SoftLabels]:
+    """The target's top-``k`` distributions over the rows of ``head`` (the draft vocabulary's
+    rows of the output matrix) at every position of ``examples``, computed from the stored
+    output of the deepest tapped layer (``target.logits_from_layer``: the layers after it,
+    not a whole forward pass). Sequences are right-padded (causal: no real position sees a pad)."""
+    from tqdm import tqdm
+
+    deepest = max(layer_ids)
+    H = head.shape[1]
+    col = list(layer_ids).index(deepest) * H
+    k = min(k, head.shape[0])
+    out: List[SoftLabels] = []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].features))
+    done: Dict[int, SoftLabels] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="soft labels", disable=not progress, unit="batch"):
+        idx = order[start : start + batch_size]
+        longest = max(len(examples[i].features) for i in idx)
+        x = np.zeros((len(idx), longest, H), np.float16)
+        for r, i in enumerate(idx):
+            f = examples[i].features
+            x[r, : len(f)] = f[:, col : col + H]
+        logits = target.logits_from_layer(model, mx.array(x).astype(mx.float32), deepest, lambda h: h @ head.T)
+        top = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        p = mx.softmax(mx.take_along_axis(logits, top, axis=-1), axis=-1)
+        top, p = np.array(top.astype(mx.int32)), np.array(p.astype(mx.float16))
+        for r, i in enumerate(idx):
+            n = len(examples[i].features)
+            done[i] = SoftLabels(top[r, :n], p[r, :n])
+    out = [done[i] for i in range(len(examples))]
+    return out
+
+
+def soft_label_agreement(examples: Sequence[distill.Example], soft: Sequence[SoftLabels], to_draft: np.ndarray) -> float:
+    """How often the soft labels' most likely token is the sequence's own next answer token
+    (among those in the draft vocabulary): ~1 for the target's greedy answers (a check that
+    positions and labels line up)."""
+    hit = seen = 0
+    for e, s in zip(examples, soft):
+        nxt = to_draft[e.tokens[e.prompt_len :]]
+        best = s.ids[np.arange(e.prompt_len - 1, len(e.tokens) - 1), np.argmax(s.p[e.prompt_len - 1 :], axis=-1)]
+        ok = nxt >= 0
+        hit += int((best[ok] == nxt[ok]).sum())
+        seen += int(ok.sum())
+    return hit / max(seen, 1)
+
+
+# ---------------------------------------------------------------------------
 # Batches of blocks
 
 
@@ -216,8 +280,10 @@ def sample_batch(
     mask_id: int,
     rng: np.random.Generator,
     anchors: Optional[np.ndarray] = None,
+    soft: Optional[Sequence[SoftLabels]] = None,
 ) -> Dict[str, np.ndarray]:
-    """Blocks for the sequences ``rows``: features, block tokens, anchors, labels, valid.
+    """Blocks for the sequences ``rows``: features, block tokens, anchors, labels, valid
+    (and with ``soft``, the soft labels of every label: ``soft_ids``, ``soft_p``).
 
     Anchors are answer positions ``p`` (prompt_len <= p <= len - 2), sampled
     without replacement when the answer is long enough. Only the features of
@@ -246,7 +312,12 @@ def sample_batch(
         ok = pos < len(e.tokens)
         valid[r] = ok
         labels[r] = np.where(ok, e.tokens[np.minimum(pos, len(e.tokens) - 1)], 0)
-    return {"features": feats, "blocks": blocks, "anchors": anchors, "labels": labels, "valid": valid}
+    out = {"features": feats, "blocks": blocks, "anchors": anchors, "labels": labels, "valid": valid}
+    if soft is not None:  # the label at position pos is predicted after position pos - 1
+        rows_of = [np.minimum(anchors[r][:, None] + k[None] - 1, len(examples[i].tokens) - 2) for r, i in enumerate(rows)]
+        out["soft_ids"] = np.stack([soft[i].ids[j] for i, j in zip(rows, rows_of)])
+        out["soft_p"] = np.stack([soft[i].p[j] for i, j in zip(rows, rows_of)]).astype(np.float32)
+    return out
 
 
 def split_validation(sets: Sequence[Sequence[distill.Example]], count: int):
@@ -291,6 +362,11 @@ def prepare_loss(batch, gamma: float, vocab_size: int, vocab_sample: int, rng: n
     labels = batch["labels"][valid]
     w = np.broadcast_to(loss_weights(B, gamma), valid.shape)[valid]
     out = {"positions": mx.array(flat.astype(np.int32)), "weights": mx.array(w)}
+    if "soft_ids" in batch:
+        if to_draft is None and 0 < vocab_sample < vocab_size:
+            raise BlockPilotError("soft labels need a reduced draft vocabulary (--draft-vocab) or the full softmax (--vocab-sample 0)")
+        out["soft_ids"] = mx.array(batch["soft_ids"][valid].astype(np.int32))
+        out["soft_p"] = mx.array(batch["soft_p"][valid])
     if vocab_sample <= 0 or vocab_sample >= vocab_size:
         out["labels"] = mx.array(labels if to_draft is None else to_draft[labels].astype(np.int32))
         return out
@@ -307,11 +383,14 @@ def prepare_loss(batch, gamma: float, vocab_size: int, vocab_sample: int, rng: n
     return out
 
 
-def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.array]) -> mx.array:
+def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.array], soft_weight: float = 0.0) -> mx.array:
     """Weighted cross-entropy over the valid block positions 1..B-1.
 
     ``head`` is the output matrix the labels index (the target's, or its draft-vocabulary
-    rows); None uses the target's head as it is (quantized, say)."""
+    rows); None uses the target's head as it is (quantized, say). With soft labels in
+    ``targets``, the loss per position is ``(1 - soft_weight)`` times the cross-entropy
+    against the target's token plus ``soft_weight`` times the cross-entropy against the
+    target's top-k distribution there (knowledge distillation)."""
     h = block_hidden(draft, model, batch)
     h = h.reshape(-1, h.shape[-1])[targets["positions"]]
     if head is None:
@@ -322,7 +401,11 @@ def block_loss(draft: DFlashDraft, model, batch, targets, head: Optional[mx.arra
     else:
         logits = draft.finish_logits(h @ head.T)
     logits = logits.astype(mx.float32)
-    ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets["labels"][:, None], axis=-1)[:, 0]
+    lse = mx.logsumexp(logits, axis=-1)
+    ce = lse - mx.take_along_axis(logits, targets["labels"][:, None], axis=-1)[:, 0]
+    if "soft_ids" in targets and soft_weight:
+        soft = lse - (targets["soft_p"] * mx.take_along_axis(logits, targets["soft_ids"], axis=-1)).sum(-1)
+        ce = (1 - soft_weight) * ce + soft_weight * soft
     w = targets["weights"]
     return (ce * w).sum() / w.sum()
 
@@ -498,6 +581,8 @@ def train(
     val_examples: Sequence[distill.Example] = (),
     eval_block_size: Optional[int] = None,
     weight_decay: float = 0.01,
+    soft_k: int = 0,
+    soft_weight: float = 0.5,
 ) -> List[Dict[str, Any]]:
     """Train ``draft`` in place (``fc`` preconditioned by ``feature_scale`` while
     training, plain again at the end); returns the log records. Step ``s`` draws its batch
@@ -507,7 +592,8 @@ def train(
     Every ``eval_every`` steps the log gets the teacher-forced acceptance on
     ``val_examples`` and real greedy decoding's on ``eval_prompts`` (at ``eval_block_size``,
     default the training size), each with the CPU hours spent so far (training steps and
-    these evaluations: what the run cost)."""
+    these evaluations: what the run cost). ``soft_k`` > 0 adds soft labels: the target's
+    top-``soft_k`` distribution at every label, weighted ``soft_weight`` in the loss."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -544,9 +630,16 @@ def train(
     inv_scale = np.array(1.0 / scale)
     log_path = out / LOG
     records = [r for r in read_log(log_path) if r["step"] <= start] if resume else []
+    soft = None
+    if soft_k:
+        if head is None:
+            raise BlockPilotError("soft labels need a float target head; convert the target to float")
+        soft = soft_labels(model, examples, cfg.target_layer_ids, head, soft_k, progress=progress)
+        agree = soft_label_agreement(examples, soft, to_draft if to_draft is not None else np.arange(cfg.vocab_size))
+        records.append({"step": start, "soft_labels": soft_k, "soft_weight": soft_weight, "soft_label_agreement": agree})
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    loss_and_grad = nn.value_and_grad(draft, lambda d, b, t: block_loss(d, model, b, t, head))
+    loss_and_grad = nn.value_and_grad(draft, lambda d, b, t: block_loss(d, model, b, t, head, soft_weight))
     last = min(steps, stop_after) if stop_after else steps
     bar = tqdm(range(start + 1, last + 1), initial=start, total=steps, disable=not progress, desc="train")
     acc = next((r["acceptance"] for r in reversed(records) if "acceptance" in r), None)
@@ -561,7 +654,7 @@ def train(
             cpu0 = time.process_time()
             rng = np.random.default_rng([seed, step])
             rows = rng.choice(usable, size=batch_size, replace=len(usable) < batch_size)
-            batch = sample_batch(examples, rows, blocks_per_seq, B, cfg.mask_token_id, rng)
+            batch = sample_batch(examples, rows, blocks_per_seq, B, cfg.mask_token_id, rng, soft=soft)
             batch["features"] *= inv_scale
             targets = prepare_loss(batch, gamma, cfg.vocab_size, vocab_sample if head is not None else 0, rng, to_draft)
             tic = time.perf_counter()
