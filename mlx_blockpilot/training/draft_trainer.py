@@ -233,7 +233,6 @@ def soft_labels(model, examples: Sequence[distill.Example], layer_ids: Sequence[
     H = head.shape[1]
     col = list(layer_ids).index(deepest) * H
     k = min(k, head.shape[0])
-    out: List[SoftLabels] = []
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].features))
     done: Dict[int, SoftLabels] = {}
     for start in tqdm(range(0, len(order), batch_size), desc="soft labels", disable=not progress, unit="batch"):
@@ -250,8 +249,7 @@ def soft_labels(model, examples: Sequence[distill.Example], layer_ids: Sequence[
         for r, i in enumerate(idx):
             n = len(examples[i].features)
             done[i] = SoftLabels(top[r, :n], p[r, :n])
-    out = [done[i] for i in range(len(examples))]
-    return out
+    return [done[i] for i in range(len(examples))]
 
 
 def soft_label_agreement(examples: Sequence[distill.Example], soft: Sequence[SoftLabels], to_draft: np.ndarray) -> float:
