@@ -274,12 +274,12 @@ def test_warm_start_grows_a_drafter_without_changing_what_it_proposes(qwen3, tmp
     batch = sample_batch(data, [0, 1, 2], 3, 5, qwen3.mask_id, np.random.default_rng(0))
     np.testing.assert_allclose(np.array(block_hidden(big, qwen3.model, batch)),
                                np.array(block_hidden(small, qwen3.model, batch)), atol=1e-5, rtol=1e-5)
-    new = {k: np.array(v) for k, v in tree_flatten(big.layers[0].parameters())}
+    new = {k: np.array(v) for k, v in tree_flatten(big.layers[2].parameters())}
     assert not new["self_attn.o_proj.weight"].any() and not new["mlp.down_proj.weight"].any()
     assert new["self_attn.q_proj.weight"].any()  # the rest of a new layer keeps its initial weights
     train(qwen3.model, qwen3.tokenizer, big, data, tmp_path / "out", 5, batch_size=2, blocks_per_seq=4,
           lr=1e-3, warmup=0, vocab_sample=0, progress=False)
-    assert np.array(big.layers[0].self_attn.o_proj.weight).any() and np.array(big.layers[1].mlp.down_proj.weight).any()
+    assert np.array(big.layers[1].self_attn.o_proj.weight).any() and np.array(big.layers[2].mlp.down_proj.weight).any()
     # a source with more layers, or other layers, is refused
     with pytest.raises(BlockPilotError, match="another shape"):
         warm_start(small, tmp_path / "out")

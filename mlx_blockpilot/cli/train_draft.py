@@ -46,7 +46,7 @@ def build_parser():
                    help="causal attention inside a block: any block size up to --block-size matches training")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="reduced draft vocabulary: the N most frequent answer tokens (saved as draft_vocab_size + d2t)")
-    p.add_argument("--init-from", default=None, help="start from this drafter's weights (same shape, or fewer layers: it grows, new layers first, as identities)")
+    p.add_argument("--init-from", default=None, help="start from this drafter's weights (same shape, or fewer layers: it grows, new layers last, as identities)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gen-batch", type=int, default=16, help="prompts answered per batch")
     g = p.add_mutually_exclusive_group()

@@ -136,23 +136,20 @@ def warm_start(draft: DFlashDraft, path) -> int:
     """Start ``draft`` from the weights of the drafter in ``path`` (its vocabulary table, if
     any, is not taken); returns how many layers were added.
 
-    A source with fewer layers (of the same shape) grows: its layers become ``draft``'s last
-    ones and the new first layers keep their initial weights with their output projections
+    A source with fewer layers (of the same shape) grows: its layers become ``draft``'s first
+    ones and the new last layers keep their initial weights with their output projections
     (``o_proj``, ``down_proj``) zeroed, so each starts as the identity on the residual stream
-    and the grown drafter proposes exactly what the source did until training moves it."""
+    and the grown drafter proposes exactly what the source did until training moves it. (Last,
+    not first: the residual stream entering the first layer is the token embedding, ~100x
+    smaller than after one layer, and a new layer there swamps it within a few steps.)"""
     from ..draft import load_draft
 
     source = load_draft(path)
     extra = draft.config.num_hidden_layers - source.config.num_hidden_layers
-    src = {}
-    for k, v in tree_flatten(source.parameters()):
-        if k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            k = f"layers.{int(i) + max(extra, 0)}.{rest}"
-        src[k] = v
+    src = dict(tree_flatten(source.parameters()))
     src.pop("d2t", None)
     mine = dict(tree_flatten(draft.parameters()))
-    new = {k for k in mine if extra > 0 and k.startswith("layers.") and int(k.split(".")[1]) < extra}
+    new = {k for k in mine if k.startswith("layers.") and int(k.split(".")[1]) >= source.config.num_hidden_layers}
     bad = [k for k, v in src.items() if k not in mine or mine[k].shape != v.shape]
     if extra < 0 or bad or set(mine) - set(src) - new - {"d2t"}:
         what = (f"{source.config.num_hidden_layers} layers, more than --layers {draft.config.num_hidden_layers}"
