@@ -10,7 +10,10 @@
   a held-out or a policy prompt), followed by the 40 held-out ones (``--holdout 40``);
 - ``distill2.jsonl``: the second distillation set: the prompts of ``distill.jsonl`` the first
   data set did not reach (distillation goes shortest first, in tokens under the chat template,
-  and stopped after 4,608 of the 6,000) and numbers 6200 onwards, then the 40 held-out ones.
+  and stopped after 4,608 of the 6,000) and numbers 6200 onwards, then the 40 held-out ones;
+- ``sharegpt_text.safetensors``: a token file of ShareGPT's written first exchanges (prompt
+  and answer, <= 256 prompt tokens, <= 512 in all) for teacher-forced drafter training, without
+  the held-out and policy prompts.
 
     python examples/smollm2_demo_prompts.py --out /work/runs/prompts
 """
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from mlx_blockpilot.bundle import load_target
 from mlx_blockpilot.demo import ensure_bundle
-from mlx_blockpilot.prompts import encode_prompt, load_prompts
+from mlx_blockpilot.prompts import encode_prompt, load_exchanges, load_prompts
+from mlx_blockpilot.training.distill import text_sequences, write_token_file
 
 TRAINED, HELD_OUT = 3000, 40
 SECOND = 3160  # the second block of distillation prompts starts after the policy's
@@ -50,6 +54,11 @@ def main():
     order = sorted(range(len(first)), key=lambda i: lengths[i])  # the order distillation goes in
     rest = [first[i] for i in order[FIRST_DONE:]]
     write(out / "distill2.jsonl", rest + texts[SECOND + 3040 :] + texts[TRAINED - HELD_OUT : TRAINED])
+    exchanges = load_exchanges("sharegpt")
+    text = text_sequences(tokenizer, exchanges, skip=texts[TRAINED - HELD_OUT : TRAINED + args.policy_prompts])
+    write_token_file(text, out / "sharegpt_text.safetensors", {"source": "sharegpt first exchanges, written answers"})
+    print(f"{out / 'sharegpt_text.safetensors'}: {len(text)} sequences, "
+          f"{sum(e.answer_len for e in text)} answer tokens of {len(exchanges)} exchanges")
     code = load_prompts("humaneval")
     write(out / "code_train.jsonl", code[:-HELD_OUT])
     write(out / "code_heldout.jsonl", code[-HELD_OUT:])

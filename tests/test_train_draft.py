@@ -364,11 +364,59 @@ def test_token_file_round_trip_and_features_rebuilt_by_prefill(tiny, tmp_path):
     assert sum(s["prompts"] for s in stats) == len(data)
     rebuilt = {tuple(e.tokens.tolist()): e for e in load_data(tmp_path / "rebuilt")}
     for e in data:  # teacher forcing gives the features the target computed while generating
-        np.testing.assert_allclose(rebuilt[tuple(e.tokens.tolist())].features.astype(np.float32),
-                                   e.features.astype(np.float32), atol=2e-2, rtol=2e-2)
+        r = rebuilt[tuple(e.tokens.tolist())]
+        np.testing.assert_allclose(r.features.astype(np.float32), e.features.astype(np.float32), atol=2e-2, rtol=2e-2)
+        # and the target's greedy token after every position: in its own answers, the next token
+        assert isinstance(r.features, np.memmap) or isinstance(r.features.base, np.memmap)  # read from disk when used
+        assert r.labels[e.prompt_len - 1 :].tolist() == e.tokens[e.prompt_len :].tolist()
     (tmp_path / "junk.safetensors").write_bytes(b"nonsense")
     with pytest.raises(BlockPilotError, match="cannot read token file"):
         read_token_file(tmp_path / "junk.safetensors")
+
+
+def test_written_text_trains_on_the_targets_greedy_tokens_only_while_the_text_agrees(tiny, tmp_path):
+    """Text that is not the target's own answer: labels are the target's greedy tokens, and a
+    block's position k counts only while the text's tokens before it are greedy too."""
+    from mlx_blockpilot.training.distill import featurize
+
+    tokens = np.array(make_prompt(30, seed=8), np.int32)
+    seqs = list(featurize(tiny.model, [Example(tokens, 6, np.zeros((0, 0), np.float16))], tmp_path / "d", LAYERS))
+    assert seqs[0]["prompts"] == 1
+    e = load_data(tmp_path / "d")[0]
+    logits, _ = target.forward(tiny.model, mx.array(tokens[None, :-1]), make_prompt_cache(tiny.model), LAYERS)
+    assert e.labels.tolist() == np.array(mx.argmax(logits[0], axis=-1)).tolist()
+    # make the text agree with the target at some positions, so that deeper positions count there
+    greedy = e.labels.copy()
+    text = tokens.copy()
+    text[[11, 12, 13, 20]] = greedy[[10, 11, 12, 19]]
+    e = Example(text, 6, e.features, greedy)
+    B = 5
+    anchors = np.array([[6, 10, 18, 27]])
+    batch = sample_batch([e], [0], 4, B, tiny.mask_id, None, anchors=anchors)
+    for b, p in enumerate(anchors[0]):
+        for k in range(1, B):
+            want = p + k < len(text) and all(text[p + j] == greedy[p + j - 1] for j in range(1, k))
+            assert batch["valid"][0, b, k - 1] == want, (p, k)
+            if want:
+                assert batch["labels"][0, b, k - 1] == greedy[p + k - 1]
+    assert batch["valid"][0, 1].tolist() == [True, True, True, True]  # text 11-13 agree: all of anchor 10's block
+
+
+def test_text_sequences_are_the_chat_template_of_prompt_and_answer(qwen3):
+    from mlx_blockpilot.prompts import encode_chat
+    from mlx_blockpilot.training.distill import text_sequences
+
+    tok = qwen3.tokenizer
+    pairs = [("hello world", "the quick brown fox"), ("held out prompt", "x y"), ("a " * 200, "too long"),
+             ("what is this", "paris is the capital " * 20)]
+    seqs = text_sequences(tok, pairs, max_prompt_tokens=50, max_tokens=40, skip=["held out prompt "])
+    assert len(seqs) == 2
+    head = encode_chat(tok, [{"role": "user", "content": "hello world"}])
+    assert seqs[0].prompt_len == len(head) and seqs[0].tokens[: len(head)].tolist() == head
+    full = tok.apply_chat_template([{"role": "user", "content": "hello world"},
+                                    {"role": "assistant", "content": "the quick brown fox"}])
+    assert seqs[0].tokens.tolist() == list(full)
+    assert len(seqs[1].tokens) == 40  # cut at max_tokens
 
 
 def test_select_draft_vocab_keeps_the_most_frequent_answer_tokens():

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -31,15 +31,22 @@ META = "data.json"
 
 @dataclass
 class Example:
-    """One distilled example: ``tokens`` = prompt + answer, ``features`` for tokens[:-1]."""
+    """One training sequence: ``tokens`` = prompt + answer, ``features`` for tokens[:-1];
+    ``labels``: the target's greedy token after each of those positions (None: the next
+    token itself, as in the target's own greedy answers)."""
 
     tokens: np.ndarray
     prompt_len: int
     features: np.ndarray
+    labels: Optional[np.ndarray] = None
 
     @property
     def answer_len(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    def next_tokens(self) -> np.ndarray:
+        """The target's greedy token after each position but the last."""
+        return self.tokens[1:] if self.labels is None else self.labels
 
 
 def greedy_batch(
@@ -170,32 +177,58 @@ def write_shard(path, seqs: Sequence[Example]) -> None:
     from safetensors.numpy import save_file
 
     offsets = np.cumsum([0] + [len(s.tokens) for s in seqs]).astype(np.int64)
-    save_file(
-        {
-            "tokens": np.concatenate([s.tokens for s in seqs]).astype(np.int32),
-            "features": np.concatenate([s.features for s in seqs]).astype(np.float16),
-            "offsets": offsets,
-            "prompt_lens": np.array([s.prompt_len for s in seqs], dtype=np.int32),
-        },
-        str(path),
-    )
+    tensors = {
+        "tokens": np.concatenate([s.tokens for s in seqs]).astype(np.int32),
+        "features": np.concatenate([s.features for s in seqs]).astype(np.float16),
+        "offsets": offsets,
+        "prompt_lens": np.array([s.prompt_len for s in seqs], dtype=np.int32),
+    }
+    if all(s.labels is not None for s in seqs):
+        tensors["labels"] = np.concatenate([s.labels for s in seqs]).astype(np.int32)
+    save_file(tensors, str(path))
+
+
+SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "U16": np.uint16}
+
+
+def map_tensors(path) -> dict:
+    """The tensors of a safetensors file as read-only memory maps: nothing is read until used,
+    so data sets larger than memory train from the disk (and the page cache)."""
+    path = Path(path)
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = t["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(t["dtype"])
+        if dtype is None:
+            raise BlockPilotError(f"{path}: tensor {name} has dtype {t['dtype']}, not one distilled data uses")
+        count = int(np.prod(t["shape"])) if t["shape"] else 1
+        if end == begin:
+            out[name] = np.zeros(t["shape"], dtype)
+            continue
+        out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=(count,)).reshape(t["shape"])
+    return out
 
 
 def load_data(root) -> List[Example]:
-    """All distilled sequences in ``root`` (shard order)."""
-    from safetensors.numpy import load_file
-
+    """All distilled sequences in ``root`` (shard order); features stay on disk (memory maps)."""
     meta = read_meta(root)
     if meta is None:
         raise BlockPilotError(f"no distilled data in {root} (no {META})")
     out = []
     for name in meta["shards"]:
-        d = load_file(str(Path(root) / name))
-        off, feat_off = d["offsets"], 0
-        for k, plen in enumerate(d["prompt_lens"]):
-            tokens = d["tokens"][off[k] : off[k + 1]]
+        d = map_tensors(Path(root) / name)
+        off, feat_off = np.array(d["offsets"]), 0
+        tokens_all, labels_all = np.array(d["tokens"]), np.array(d["labels"]) if "labels" in d else None
+        for k, plen in enumerate(np.array(d["prompt_lens"])):
+            tokens = tokens_all[off[k] : off[k + 1]]
             n = len(tokens) - 1
-            out.append(Example(tokens, int(plen), d["features"][feat_off : feat_off + n]))
+            labels = None if labels_all is None else labels_all[feat_off : feat_off + n]
+            out.append(Example(tokens, int(plen), d["features"][feat_off : feat_off + n], labels))
             feat_off += n
     return out
 
@@ -259,7 +292,9 @@ def featurize(
     them), one teacher-forced forward pass per batch; resumable like ``distill``.
 
     Sequences are right-padded: under the causal mask no real position sees a pad, so the
-    features are those the target computed while generating the sequence.
+    features are those the target computed while generating the sequence. The target's
+    greedy token after every position is kept too (``labels``): for its own answers it is
+    the next token; for written text (``text_sequences``) it is what training must predict.
     """
     root, meta, todo = _start(root, layer_ids, [len(s.tokens) for s in sequences])
     n_layers = target.num_layers(model)
@@ -270,9 +305,39 @@ def featurize(
         x = np.zeros((len(seqs), longest), np.int32)
         for r, s in enumerate(seqs):
             x[r, : len(s.tokens) - 1] = s.tokens[:-1]
-        _, hidden = target.forward(model, mx.array(x), [None] * n_layers, layer_ids)
-        hidden = np.array(hidden.astype(mx.float16))
-        _add_shard(root, meta, idx, [Example(s.tokens, s.prompt_len, hidden[r, : len(s.tokens) - 1])
-                                     for r, s in enumerate(seqs)])
+        logits, hidden = target.forward(model, mx.array(x), [None] * n_layers, layer_ids)
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
+        hidden = hidden.astype(mx.float16)
+        mx.eval(greedy, hidden)
+        hidden, greedy = np.array(hidden), np.array(greedy)
+        _add_shard(root, meta, idx, [Example(s.tokens, s.prompt_len, hidden[r, : len(s.tokens) - 1],
+                                             greedy[r, : len(s.tokens) - 1]) for r, s in enumerate(seqs)])
         yield {"prompts": len(idx), "tokens": int(sum(len(s.tokens) for s in seqs)),
                "answer_tokens": int(sum(s.answer_len for s in seqs))}
+
+
+def text_sequences(tokenizer, exchanges: Sequence[Tuple[str, str]], max_prompt_tokens: int = 256,
+                   max_tokens: int = 512, skip: Sequence[str] = ()) -> List[Example]:
+    """Written (prompt, answer) exchanges as training sequences (``features`` left empty): the
+    prompt under the chat template as decoding sees it, then the answer's tokens, cut at
+    ``max_tokens`` in all. Trained teacher-forced: the labels are the target's own greedy tokens
+    (``featurize`` computes them), and a block's deeper positions count only while the text
+    agrees with them. Prompts in ``skip`` (held-out ones), longer than ``max_prompt_tokens``
+    or whose answer does not extend the prompt's tokens are left out."""
+    from ..prompts import encode_chat
+
+    skip = {t.strip() for t in skip}
+    empty = np.zeros((0, 0), np.float16)
+    out = []
+    for prompt, answer in exchanges:
+        if prompt.strip() in skip or not prompt.strip() or not answer.strip():
+            continue
+        head = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+        if len(head) > max_prompt_tokens or len(head) + 2 > max_tokens:
+            continue
+        full = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                                   {"role": "assistant", "content": answer}]))
+        if full[: len(head)] != head or len(full) < len(head) + 2:
+            continue
+        out.append(Example(np.array(full[:max_tokens], np.int32), len(head), empty))
+    return out

@@ -283,6 +283,10 @@ def sample_batch(
     Anchors are answer positions ``p`` (prompt_len <= p <= len - 2), sampled
     without replacement when the answer is long enough. Only the features of
     positions before the last anchor are kept (nothing after it is visible).
+    Labels are the target's greedy tokens (``Example.next_tokens``); block position
+    ``k`` counts only while the sequence's tokens ``p+1..p+k-1`` are those too (always,
+    in the target's own answers; in written text, only where it agrees with the target),
+    so every label is the target's greedy continuation of the block's anchor.
     """
     S, nb, B = len(rows), blocks_per_seq, block_size
     if anchors is None:
@@ -304,9 +308,14 @@ def sample_batch(
         feats[r, :n] = e.features[:n]
         blocks[r, :, 0] = e.tokens[anchors[r]]
         pos = anchors[r][:, None] + k[None]
-        ok = pos < len(e.tokens)
+        nxt = e.next_tokens()
+        last = len(nxt) - 1
+        # greedy[j]: the sequence's token j + 1 is the target's greedy token after position j
+        greedy = e.tokens[1:] == nxt
+        prefix = np.cumprod(greedy[np.minimum(pos[:, :-1] - 1, last)], axis=1).astype(bool)
+        ok = (pos < len(e.tokens)) & np.concatenate([np.ones((nb, 1), bool), prefix], axis=1)
         valid[r] = ok
-        labels[r] = np.where(ok, e.tokens[np.minimum(pos, len(e.tokens) - 1)], 0)
+        labels[r] = np.where(ok, nxt[np.minimum(pos - 1, last)], 0)
     out = {"features": feats, "blocks": blocks, "anchors": anchors, "labels": labels, "valid": valid}
     if soft is not None:  # the label at position pos is predicted after position pos - 1
         rows_of = [np.minimum(anchors[r][:, None] + k[None] - 1, len(examples[i].tokens) - 2) for r, i in enumerate(rows)]
