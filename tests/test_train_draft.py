@@ -280,6 +280,18 @@ def test_warm_start_grows_a_drafter_without_changing_what_it_proposes(qwen3, tmp
     train(qwen3.model, qwen3.tokenizer, big, data, tmp_path / "out", 5, batch_size=2, blocks_per_seq=4,
           lr=1e-3, warmup=0, vocab_sample=0, progress=False)
     assert np.array(big.layers[1].self_attn.o_proj.weight).any() and np.array(big.layers[2].mlp.down_proj.weight).any()
+    # a reduced vocabulary of the same size comes along (the same tokens to propose); another size does not
+    from mlx_blockpilot.training.draft_trainer import set_draft_vocab
+
+    reduced = init_draft(qwen3.model, make_config(qwen3.model, 1, LAYERS, 5, qwen3.mask_id, draft_vocab_size=40))
+    set_draft_vocab(reduced, np.arange(3, 123, 3))
+    save_draft(reduced, tmp_path / "reduced")
+    grown = init_draft(qwen3.model, make_config(qwen3.model, 2, LAYERS, 5, qwen3.mask_id, draft_vocab_size=40))
+    warm_start(grown, tmp_path / "reduced")
+    assert np.array(grown.draft_ids()).tolist() == list(range(3, 123, 3))
+    other = init_draft(qwen3.model, make_config(qwen3.model, 2, LAYERS, 5, qwen3.mask_id, draft_vocab_size=30))
+    warm_start(other, tmp_path / "reduced")
+    assert np.array(other.draft_ids()).tolist() == list(range(30))
     # a source with more layers, or other layers, is refused
     with pytest.raises(BlockPilotError, match="another shape"):
         warm_start(small, tmp_path / "out")

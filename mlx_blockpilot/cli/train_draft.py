@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..draft import read_draft_config
 from ..errors import BlockPilotError
 from ..prompts import encode_prompt, load_prompts
 from ..training import distill
@@ -46,7 +47,8 @@ def build_parser():
                    help="causal attention inside a block: any block size up to --block-size matches training")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="reduced draft vocabulary: the N most frequent answer tokens (saved as draft_vocab_size + d2t)")
-    p.add_argument("--init-from", default=None, help="start from this drafter's weights (same shape, or fewer layers: it grows, new layers last, as identities)")
+    p.add_argument("--init-from", default=None, help="start from this drafter's weights (same shape, or fewer layers: it grows, new layers last, as identities) "
+                        "and its vocabulary (a reduced one of the --draft-vocab size)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gen-batch", type=int, default=16, help="prompts answered per batch")
     g = p.add_mutually_exclusive_group()
@@ -163,9 +165,10 @@ def _train_into(args, out: Path) -> int:
         steps = max(1, math.ceil(epochs * len(examples) / args.batch))
 
     draft = init_draft(model, cfg, args.seed)
+    source = read_draft_config(args.init_from)[0] if args.init_from else None
     if args.init_from:
         warm_start(draft, args.init_from)
-    if cfg.draft_vocab_size is not None:
+    if cfg.draft_vocab_size is not None and (source is None or source.draft_vocab_size != cfg.draft_vocab_size):
         set_draft_vocab(draft, select_draft_vocab(examples, cfg.draft_vocab_size, cfg.vocab_size, tokenizer.eos_token_ids))
     records = train(
         model, tokenizer, draft, examples, out, steps,

@@ -133,8 +133,9 @@ def set_draft_vocab(draft: DFlashDraft, ids: np.ndarray) -> None:
 
 
 def warm_start(draft: DFlashDraft, path) -> int:
-    """Start ``draft`` from the weights of the drafter in ``path`` (its vocabulary table, if
-    any, is not taken); returns how many layers were added.
+    """Start ``draft`` from the weights of the drafter in ``path``; returns how many layers
+    were added. Its vocabulary table (``d2t``) is taken when both have a reduced vocabulary of
+    the same size (the drafter then proposes from the same tokens), else left alone.
 
     A source with fewer layers (of the same shape) grows: its layers become ``draft``'s first
     ones and the new last layers keep their initial weights with their output projections
@@ -147,7 +148,8 @@ def warm_start(draft: DFlashDraft, path) -> int:
     source = load_draft(path)
     extra = draft.config.num_hidden_layers - source.config.num_hidden_layers
     src = dict(tree_flatten(source.parameters()))
-    src.pop("d2t", None)
+    same_vocab = source.config.draft_vocab_size is not None and source.config.draft_vocab_size == draft.config.draft_vocab_size
+    d2t = src.pop("d2t", None)
     mine = dict(tree_flatten(draft.parameters()))
     new = {k for k in mine if k.startswith("layers.") and int(k.split(".")[1]) >= source.config.num_hidden_layers}
     bad = [k for k, v in src.items() if k not in mine or mine[k].shape != v.shape]
@@ -157,6 +159,8 @@ def warm_start(draft: DFlashDraft, path) -> int:
         raise BlockPilotError(f"--init-from {path} is a drafter of another shape ({what}...)")
     weights = [(k, v.astype(mx.float32)) for k, v in src.items()]
     weights += [(k, mx.zeros_like(mine[k])) for k in new if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    if same_vocab:
+        weights.append(("d2t", d2t))
     draft.load_weights(weights, strict=False)
     mx.eval(draft.parameters())
     return max(extra, 0)
