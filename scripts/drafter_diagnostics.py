@@ -47,7 +47,7 @@ def throughput(args, model, tokenizer, examples):
         s = statistics.median(r["s"] for r in records if "s" in r and r["step"] > 2)
         rng = np.random.default_rng(0)
         positions = statistics.mean(
-            int(draft_trainer.sample_batch(examples, rng.choice(usable, batch), per_seq, B, 0, rng)["valid"].sum())
+            int(draft_trainer.sample_batch(examples, rng.choice(usable, batch), per_seq, B, draft.config.mask_token_id, rng)["valid"].sum())
             for _ in range(5))
         print(f"B={B} blocks/seq={per_seq} batch={batch}: {s:.2f} s/step, {positions:.0f} positions/step, "
               f"{positions / s:.0f} positions/s")
