@@ -292,12 +292,35 @@ def test_warm_start_grows_a_drafter_without_changing_what_it_proposes(qwen3, tmp
     other = init_draft(qwen3.model, make_config(qwen3.model, 2, LAYERS, 5, qwen3.mask_id, draft_vocab_size=30))
     warm_start(other, tmp_path / "reduced")
     assert np.array(other.draft_ids()).tolist() == list(range(30))
-    # a source with more layers, or other layers, is refused
+    # a source with more layers, or target layers the drafter does not tap, is refused
     with pytest.raises(BlockPilotError, match="another shape"):
         warm_start(small, tmp_path / "out")
-    other = init_draft(qwen3.model, make_config(qwen3.model, 3, (0, 1, 3), 5, qwen3.mask_id))
-    with pytest.raises(BlockPilotError, match="another shape"):
+    other = init_draft(qwen3.model, make_config(qwen3.model, 3, (0, 2), 5, qwen3.mask_id))
+    with pytest.raises(BlockPilotError, match="must include all of them"):
         warm_start(other, tmp_path / "small")
+
+
+def test_warm_start_adds_target_layers_as_zero_columns_of_fc(qwen3, tmp_path):
+    """A drafter tapping layers (1, 3) grown to tap (0, 1, 3) proposes what it did whatever layer 0
+    holds (its fc columns start at zero); a tap set that drops a source layer is refused."""
+    from mlx_blockpilot.draft import save_draft
+    from mlx_blockpilot.training.draft_trainer import warm_start
+
+    data = _distilled(qwen3, tmp_path)
+    small = init_draft(qwen3.model, make_config(qwen3.model, 1, LAYERS, 5, qwen3.mask_id), seed=1)
+    small.fc.weight = small.fc.weight * mx.random.uniform(0.5, 2.0, small.fc.weight.shape)
+    save_draft(small, tmp_path / "small")
+    wide = init_draft(qwen3.model, make_config(qwen3.model, 1, (0, 1, 3), 5, qwen3.mask_id), seed=2)
+    assert warm_start(wide, tmp_path / "small") == 0
+    batch = sample_batch(data, [0, 1, 2], 3, 5, qwen3.mask_id, np.random.default_rng(0))
+    extra = np.random.default_rng(1).normal(0, 30, batch["features"].shape[:-1] + (qwen3.cfg["hidden_size"],))
+    widened = dict(batch, features=np.concatenate([extra.astype(np.float32), batch["features"]], axis=-1))
+    np.testing.assert_allclose(np.array(block_hidden(wide, qwen3.model, widened)),
+                               np.array(block_hidden(small, qwen3.model, batch)), atol=1e-5, rtol=1e-5)
+    H = qwen3.cfg["hidden_size"]
+    assert not np.array(wide.fc.weight[:, :H]).any()
+    with pytest.raises(BlockPilotError, match="must include all of them"):
+        warm_start(init_draft(qwen3.model, make_config(qwen3.model, 1, (0, 3), 5, qwen3.mask_id)), tmp_path / "small")
 
 
 def test_validation_sequences_come_from_the_first_data_set():

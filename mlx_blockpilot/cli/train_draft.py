@@ -122,6 +122,10 @@ def _train_into(args, out: Path) -> int:
     layer_ids = args.target_layer_ids or default_layer_ids(target.num_layers(model))
     mask_id = args.mask_token_id if args.mask_token_id is not None else default_mask_id(tokenizer)
     cfg = make_config(model, args.layers, layer_ids, args.block_size, mask_id, args.causal or None, args.draft_vocab)
+    draft = init_draft(model, cfg, args.seed)  # before distilling: a bad --init-from fails fast
+    source = read_draft_config(args.init_from)[0] if args.init_from else None
+    if args.init_from:
+        warm_start(draft, args.init_from)
 
     data_dirs = [Path(d) for d in args.data] if args.data else [out / "data"]
     tic = time.perf_counter()
@@ -164,10 +168,6 @@ def _train_into(args, out: Path) -> int:
         epochs = args.epochs if args.epochs is not None else 1.0
         steps = max(1, math.ceil(epochs * len(examples) / args.batch))
 
-    draft = init_draft(model, cfg, args.seed)
-    source = read_draft_config(args.init_from)[0] if args.init_from else None
-    if args.init_from:
-        warm_start(draft, args.init_from)
     if cfg.draft_vocab_size is not None and (source is None or source.draft_vocab_size != cfg.draft_vocab_size):
         set_draft_vocab(draft, select_draft_vocab(examples, cfg.draft_vocab_size, cfg.vocab_size, tokenizer.eos_token_ids))
     records = train(

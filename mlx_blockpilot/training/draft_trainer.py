@@ -142,12 +142,16 @@ def warm_start(draft: DFlashDraft, path) -> int:
     (``o_proj``, ``down_proj``) zeroed, so each starts as the identity on the residual stream
     and the grown drafter proposes exactly what the source did until training moves it. (Last,
     not first: the residual stream entering the first layer is the token embedding, ~100x
-    smaller than after one layer, and a new layer there swamps it within a few steps.)"""
+    smaller than after one layer, and a new layer there swamps it within a few steps.)
+
+    A source that taps a subset of ``draft``'s target layers grows the same way: ``fc`` keeps
+    the source's columns for the layers both tap and gets zero columns for the new ones."""
     from ..draft import load_draft
 
     source = load_draft(path)
     extra = draft.config.num_hidden_layers - source.config.num_hidden_layers
     src = dict(tree_flatten(source.parameters()))
+    src["fc.weight"] = _grown_fc(src["fc.weight"], source.config.target_layer_ids, draft.config.target_layer_ids, path)
     same_vocab = source.config.draft_vocab_size is not None and source.config.draft_vocab_size == draft.config.draft_vocab_size
     d2t = src.pop("d2t", None)
     mine = dict(tree_flatten(draft.parameters()))
@@ -164,6 +168,21 @@ def warm_start(draft: DFlashDraft, path) -> int:
     draft.load_weights(weights, strict=False)
     mx.eval(draft.parameters())
     return max(extra, 0)
+
+
+def _grown_fc(weight: mx.array, source_ids, ids, path) -> mx.array:
+    """``fc.weight`` of a drafter tapping ``source_ids``, as one tapping ``ids`` (a superset):
+    the source's columns per shared layer, zeros for the layers it did not tap."""
+    if tuple(source_ids) == tuple(ids):
+        return weight
+    missing = [i for i in source_ids if i not in ids]
+    if missing or len(set(ids)) != len(ids):
+        raise BlockPilotError(f"--init-from {path} taps target layers {list(source_ids)}; --target-layer-ids "
+                              f"{list(ids)} must include all of them (it may add more)")
+    width = weight.shape[1] // len(source_ids)
+    blocks = {i: weight[:, k * width:(k + 1) * width] for k, i in enumerate(source_ids)}
+    zeros = mx.zeros((weight.shape[0], width), dtype=weight.dtype)
+    return mx.concatenate([blocks.get(i, zeros) for i in ids], axis=1)
 
 
 def init_draft(model, cfg: DraftConfig, seed: int = 0) -> DFlashDraft:
