@@ -100,7 +100,8 @@ def test_target_without_drafter_is_a_clear_error(prompts_txt, tmp_path, capsys):
     [(["--repeats", "0"], "--repeats"), (["--block-sizes", "0"], "block sizes"), (["--profile", "auto"], "--profile"),
      (["--out", "/proc/1/bench-out"], "cannot write into"), (["--temp", "nan"], "temperature"),
      (["--limit", "0"], "limit must be >= 1"), (["--context-lengths", "2048-4096"], "token counts"),
-     (["--prompts", "chat=x.txt", "--prompts", "chat=y.txt"], "categories must differ")],
+     (["--prompts", "chat=x.txt", "--prompts", "chat=y.txt"], "categories must differ"),
+     (["--recalibrate"], "add --control")],
 )
 def test_bad_arguments(prompts_txt, tmp_path, capsys, extra, match):
     assert bench_main(["--prompts", str(prompts_txt), "--out", str(tmp_path / "o"), *extra]) == 2
@@ -168,11 +169,15 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
     assert "by prompt category" in (out / "results.md").read_text()
     check = res["calibration"]
     assert set(check) == {"1", "3"} and all(c["runs"] == 5 and c["median_predicted_over_measured"] > 0 for c in check.values())
+    assert check["1"]["relative_to_plain"] is None and check["3"]["relative_to_plain"] > 0
+    assert "relative to plain" in (out / "results.md").read_text()
     # --rows: a subset of the rows (mlx-lm always), and a clear error for a row this run does not have
     assert bench_main(argv + ["--rows", "ours B=3,ours control", "--out", str(tmp_path / "some")]) == 0
     some = json.loads((tmp_path / "some" / "results.json").read_text())
     assert {r["config"] for r in some["table"]} == {"mlx-lm", "ours B=3", "ours control", "oracle"}
-    capsys.readouterr()
+    assert "calibrating" not in capsys.readouterr().err  # the cached calibration
+    assert bench_main(argv + ["--rows", "ours control", "--recalibrate", "--out", str(tmp_path / "fresh")]) == 0
+    assert "calibrating" in capsys.readouterr().err
     assert bench_main(argv + ["--rows", "ours B=1,ours auto", "--out", str(tmp_path / "none")]) == 2  # no policy
     assert "--rows ours auto: not a row of this benchmark; its rows are mlx-lm, ours B=1" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()

@@ -290,13 +290,25 @@ def run_benchmark(
 
 def calibration_check(runs: List[Run], costs, prompt_lengths: List[int]) -> Dict[str, Any]:
     """Calibrated round cost against the measured one of every fixed-size run (the round's
-    mean over the run: decode seconds / rounds), by block size: median predicted/measured."""
-    out = {}
+    mean over the run: decode seconds / rounds), by block size: median predicted/measured.
+
+    ``relative_to_plain`` compares the ratios to plain decoding (B=1) on the same prompt and
+    repeat instead: what steers the controller, and free of the machine's drift between the
+    calibration and the run (the absolute ratio is not)."""
+    out, measured_by = {}, {}
     for r in runs:
         if not (r.config.startswith("ours B=") and r.rounds and r.decode_tokens_per_s):
             continue
         measured = (r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds
         context = prompt_lengths[r.prompt] + r.generation_tokens // 2
-        out.setdefault(r.block_size, []).append(costs.round_s(r.block_size, context) / measured)
-    return {str(b): {"median_predicted_over_measured": median_of(v), "runs": len(v),
-                     "min": min(v), "max": max(v)} for b, v in sorted(out.items())}
+        predicted = costs.round_s(r.block_size, context)
+        measured_by[(r.block_size, r.prompt, r.repeat)] = (predicted, measured)
+        out.setdefault(r.block_size, []).append(predicted / measured)
+    relative = {}
+    for (b, prompt, repeat), (predicted, measured) in measured_by.items():
+        plain = measured_by.get((1, prompt, repeat))
+        if b > 1 and plain:
+            relative.setdefault(b, []).append((predicted / plain[0]) / (measured / plain[1]))
+    return {str(b): {"median_predicted_over_measured": median_of(v), "runs": len(v), "min": min(v), "max": max(v),
+                     "relative_to_plain": median_of(relative[b]) if b in relative else None}
+            for b, v in sorted(out.items())}

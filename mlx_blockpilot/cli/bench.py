@@ -33,6 +33,8 @@ def build_parser():
                    help="also prompts of about these many tokens built from the first source, e.g. 2048,4096,8000")
     p.add_argument("--control", action="store_true",
                    help="add the per-round controller's rows (calibrates this machine first if needed)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --control: calibrate now, not from the cache (the costs of the machine as it is)")
     add_limit_arg(p)
     add_sampling_args(p, max_tokens=64, block_size=False)
     p.add_argument("--block-sizes", type=block_sizes_arg, default=[1, 4, 8, 16], help="fixed sizes, e.g. 1,4,8,16 or 2-8")
@@ -72,6 +74,8 @@ def _bench(args, argv) -> int:
         raise BlockPilotError("block sizes for dflash must be >= 2")
     if args.profile is not None and (not isinstance(args.profile, int) or args.profile < 1):
         raise BlockPilotError("--profile takes a fixed block size >= 1")
+    if args.recalibrate and not args.control:
+        raise BlockPilotError("--recalibrate calibrates for the controller's rows: add --control")
     options_from_args(args)  # sampling values checked before anything loads
     sources = [prompt_source(spec) for spec in args.prompts]
     names = [name for name, _ in sources]
@@ -96,7 +100,7 @@ def _bench_into(args, argv, sources, texts) -> int:
             categories.append(f"{n} tokens")
     costs = None
     if args.control:
-        costs = calibrate(bundle, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        costs = calibrate(bundle, force=args.recalibrate, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     dsizes = [b for b in args.block_sizes if b >= 2] if args.dflash_block_sizes is None else args.dflash_block_sizes
     official = load_official(target_dir, draft_dir) if dsizes else None
     if dsizes and official is None:
