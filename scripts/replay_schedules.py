@@ -21,10 +21,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
 from tqdm import tqdm
 
-from mlx_blockpilot import target
 from mlx_blockpilot.bundle import load
+from mlx_blockpilot.cli.bench import prompt_source
 from mlx_blockpilot.costs import Costs, calibrate
-from mlx_blockpilot.decode import generate_step
+from mlx_blockpilot.decode import generate_step, make_cache, prefill
 from mlx_blockpilot.demo import ensure_bundle
 from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.prompts import encode_prompt, load_prompts
@@ -38,13 +38,7 @@ def record(bundle, prompt, max_tokens):
     eos = set(bundle.tokenizer.eos_token_ids)
     opts = GenerationOptions(max_tokens=max_tokens, block_size=1, refine=False)
     seq = prompt + [t for step in generate_step(bundle.model, bundle.draft, prompt, opts, eos=eos) for t in step.tokens]
-    caches, ids = target.make_cache(bundle.model), bundle.draft.config.target_layer_ids
-    features = []
-    for s in range(0, len(seq), 256):
-        _, h = target.forward(bundle.model, mx.array([seq[s : s + 256]]), caches, ids)
-        mx.eval(h)
-        features.append(h)
-    features = mx.concatenate(features, axis=1)
+    features = prefill(bundle.model, bundle.draft, make_cache(bundle.model, bundle.draft), seq).hidden
     dcache, mask, read, table = bundle.draft.make_cache(), bundle.draft.config.mask_token_id, 0, []
     for t in range(len(prompt), len(seq) - 1):
         row = []
@@ -98,8 +92,7 @@ def main():
     if args.record:
         sources = args.prompts or ["chat=/work/runs/prompts/heldout.jsonl", "code=/work/runs/prompts/code_heldout.jsonl"]
         jobs = []
-        for spec in sources:
-            category, _, path = spec.partition("=")
+        for category, path in map(prompt_source, sources):
             jobs += [(category, p) for p in load_prompts(path, limit=args.skip + args.limit)[args.skip :]]
         recs = []
         for category, text in tqdm(jobs, desc="recording"):
