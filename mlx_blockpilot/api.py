@@ -10,10 +10,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import decode
 from .bundle import Bundle
-from .costs import calibrate
+from .costs import LearnedCosts, calibrate
 from .decode import GenerationResponse
 from .options import GenerationOptions
 from .prompts import encode_chat
+from .schedule import session_acceptance
 
 Prompt = Union[str, Sequence[int]]
 
@@ -25,9 +26,11 @@ def chat_prompt(bundle: Bundle, messages: List[Dict[str, str]]) -> List[int]:
 
 def costs_for(bundle: Bundle, refine: bool, progress: Optional[Callable[[str], None]] = None):
     """This machine's round costs when ``refine`` needs them (it picks widths by expected
-    tokens per second), else None: measured once per machine and bundle, then cached."""
+    tokens per second), else None: measured once per machine and bundle, then cached, and
+    corrected by the times of the bundle's rounds from then on (``costs.LearnedCosts``)."""
     if refine and bundle.costs is None:
-        bundle.costs = calibrate(bundle, progress=progress)
+        bundle.costs = LearnedCosts(calibrate(bundle, progress=progress))
+        bundle.acceptance = session_acceptance()
     return bundle.costs if refine else None
 
 
@@ -37,6 +40,8 @@ def _with_bundle(bundle: Bundle, options: dict) -> dict:
         fields = {k: v for k, v in options.items() if k in GenerationOptions.__dataclass_fields__}
         resolved = GenerationOptions.from_kwargs(**fields).resolve(bundle.draft.config.block_size, options["policy"])
         options["costs"] = costs_for(bundle, resolved.refine)
+        if options["costs"] is not None:
+            options.setdefault("acceptance", bundle.acceptance)
     return options
 
 
@@ -46,7 +51,8 @@ def stream_generate(bundle: Bundle, prompt: Prompt, **options):
     defaults to ``"auto"`` (the policy) when the bundle has one, otherwise to the drafter's
     training block size. With ``refine`` (the default with ``"auto"``) each round's width
     maximises expected tokens per second from this machine's calibrated costs (measured at
-    first use, a few seconds, then cached beside the bundle)."""
+    first use, a few seconds, then cached beside the bundle), corrected by how long the
+    bundle's rounds take, and from how often its drafts were accepted so far."""
     return decode.stream_generate(bundle.model, bundle.draft, bundle.tokenizer, prompt, **_with_bundle(bundle, options))
 
 

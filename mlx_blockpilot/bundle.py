@@ -89,7 +89,8 @@ class Bundle:
     draft: Any
     policy: Any = None
     path: Optional[Path] = None
-    costs: Any = None  # this machine's round costs (costs.calibrate), once measured
+    costs: Any = None  # this machine's round costs (costs.calibrate, as costs.LearnedCosts), once measured
+    acceptance: Any = None  # how often drafts were accepted over the session (schedule.session_acceptance)
     target_dir: Optional[Path] = None  # where the target and the drafter were loaded from
     draft_dir: Optional[Path] = None
 

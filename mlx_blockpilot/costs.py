@@ -5,7 +5,8 @@ The per-round controller (``schedule.CostAware``) and the policy's throughput la
 acceptance into tokens per second with these costs. Measuring takes a few seconds: the
 caches are filled with placeholder (zero) keys and values to the wanted context length, since
 what attention costs does not depend on what the keys hold. The cached result is keyed by
-machine, bundle and package versions; any change measures again.
+machine, bundle and package versions; any change measures again. ``LearnedCosts`` corrects
+the calibration by what real decoding rounds take (in memory, over a session).
 """
 
 import hashlib
@@ -15,9 +16,10 @@ import os
 import platform
 import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
@@ -65,11 +67,49 @@ class Costs:
         return cls(**{k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "key", "seconds") if k in d})
 
 
-def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+class LearnedCosts:
+    """Calibrated ``costs`` corrected by the rounds decoding has timed since.
+
+    Calibration times single passes on placeholder caches in a few seconds; real rounds on
+    this machine differ by width (a step where the pass outgrows a kernel's tile) and by the
+    moment's load. ``round_s(w, context)`` is the calibrated cost times ``ratio(w)``: the
+    median of the last ``window`` measured / calibrated ratios of rounds at width ``w``,
+    interpolated between timed widths (flat past them; 1 before any round is timed). Kept on
+    the bundle, it learns over a session's generations.
+    """
+
+    def __init__(self, costs: Costs, window: int = 25):
+        self.costs, self.window = costs, window
+        self.samples: Dict[int, Deque[float]] = {}
+        self.ratios: Dict[int, float] = {}  # width -> median of its samples
+
+    def observe(self, width: int, context: int, seconds: float) -> None:
+        """A round of ``width`` with ``context`` tokens cached took ``seconds``."""
+        samples = self.samples.setdefault(width, deque(maxlen=self.window))
+        samples.append(seconds / self.costs.round_s(width, context))
+        self.ratios[width] = statistics.median(samples)
+
+    def ratio(self, width: int) -> float:
+        if not self.ratios:
+            return 1.0
+        timed = sorted(self.ratios)
+        return _interpolate(timed, [self.ratios[w] for w in timed], width, extend=False)
+
+    def round_s(self, width: int, context: int) -> float:
+        return self.costs.round_s(width, context) * self.ratio(width)
+
+    def catch_up_s(self, unread: int) -> float:
+        return self.costs.catch_up_s(unread)
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float, extend: bool = True) -> float:
     """Piecewise-linear through ``(xs, ys)``: flat before the first point, extended linearly
-    past the last one but never below it (a noisy measurement must not extrapolate to 0 s)."""
+    past the last one but never below it (a noisy measurement must not extrapolate to 0 s;
+    flat there too unless ``extend``)."""
     if len(xs) == 1 or x <= xs[0]:
         return ys[0]
+    if not extend and x >= xs[-1]:
+        return ys[-1]
     i = 1
     while i < len(xs) - 1 and x > xs[i]:
         i += 1

@@ -152,6 +152,7 @@ def generate_step(
     prompt_cache: Optional[PromptCache] = None,
     timed: bool = False,
     costs=None,
+    acceptance=None,
 ) -> Generator[Step, None, None]:
     """Generate from the token ids ``prompt``, yielding a ``Step`` per round.
 
@@ -159,7 +160,9 @@ def generate_step(
     Greedy output equals the target's own greedy decoding; with ``temperature > 0`` the
     output is distributed as the target's (speculative sampling). ``timed`` adds a sync
     after each pass to time it (profiling; slower). With ``options.refine`` and measured
-    ``costs`` (``costs.calibrate``) each round's width maximises expected tokens per second.
+    ``costs`` (``costs.calibrate``) each round's width maximises expected tokens per second;
+    ``costs.LearnedCosts`` also learn from the rounds' times, and a session's ``acceptance``
+    (``schedule.session_acceptance``) is where the controller starts and what it adds to.
     Closing the generator between steps leaves the cache holding exactly the committed tokens.
     """
     check_prompt_length(len(prompt), None)
@@ -184,7 +187,8 @@ def generate_step(
         policy_s = time.perf_counter() - tic
         schedule = make_schedule(width, options.block_size, policy, options.refine, costs,
                                  max_width=draft.config.block_size, context=len(cache.tokens),
-                                 unread=len(cache.tokens) - cache.drafted, remaining=max_tokens - 1)
+                                 unread=len(cache.tokens) - cache.drafted, remaining=max_tokens - 1,
+                                 acceptance=acceptance)
         n = 1
         finish = "stop" if last in eos else "length" if max_tokens == 1 else None
         yield Step([last], 0, finish, pre, width, policy_s)
@@ -196,6 +200,15 @@ def generate_step(
         def take_back(built) -> None:  # a plain round built ahead but not needed leaves the cache
             _, _, _, built_hidden, built_replay = built
             cache.commit([], built_hidden, 1, built_replay)
+
+        synced = time.perf_counter()  # when the last round's tokens reached the host
+
+        def observe() -> None:  # the round's time, from the previous round's end to its own sync
+            nonlocal synced
+            now = time.perf_counter()
+            if not timed:  # (profiling's extra syncs slow rounds down)
+                schedule.observe(now - synced)
+            synced = now
 
         try:
             while True:
@@ -221,6 +234,7 @@ def generate_step(
                         ahead = _round(model, draft, cache, nxt, 1, options, mx.random.split(key)[1])
                         mx.async_eval([x for x in ahead[2:4] if x is not None])
                     last = nxt.item()  # the round's one host sync
+                    observe()
                     n += 1
                     finish = "stop" if last in eos else "length" if n >= max_tokens else None
                     if finish and ahead is not None:
@@ -242,6 +256,7 @@ def generate_step(
                 # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
                 cache.commit([last] + new[:-1], hidden, w, replay)
                 schedule.update(len(new), w, len(cache.tokens))
+                observe()
                 n += len(new)
                 last = new[-1]
                 finish = "stop" if stop_at is not None else "length" if n >= max_tokens else None
@@ -287,6 +302,7 @@ def stream_generate(
     policy=None,
     prompt_cache: Optional[PromptCache] = None,
     costs=None,
+    acceptance=None,
     **options,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` (text or token ids), yielding a ``GenerationResponse`` per round.
@@ -295,7 +311,8 @@ def stream_generate(
     ``top_p``, ``top_k``, ``seed``, ``block_size`` (an int or ``"auto"``; default: the
     drafter's training size, or ``"auto"`` with a ``policy``), ``refine``,
     ``prefill_step_size``). ``block_size`` in the responses is the generation's pick;
-    ``costs`` (``costs.Costs``) make ``refine`` maximise expected tokens per second.
+    ``costs`` (``costs.Costs``) make ``refine`` maximise expected tokens per second
+    (``acceptance``: see ``generate_step``).
     """
     opts = GenerationOptions.from_kwargs(**options).resolve(draft.config.block_size, policy)
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -312,7 +329,8 @@ def stream_generate(
     n = 0
     tic = time.perf_counter()
     first = None
-    for step in generate_step(model, draft, prompt, opts, eos=eos, policy=policy, prompt_cache=prompt_cache, costs=costs):
+    for step in generate_step(model, draft, prompt, opts, eos=eos, policy=policy, prompt_cache=prompt_cache, costs=costs,
+                              acceptance=acceptance):
         if step.prefill is not None:
             first = step
             tic = time.perf_counter()

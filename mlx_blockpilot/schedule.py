@@ -4,16 +4,18 @@
 size, or the policy's pick from the prefill). A schedule then gives each round's
 width: ``Fixed`` keeps the pick, ``Refine`` moves it by the last round's outcome, and
 ``CostAware`` picks the width with the most expected tokens per second from acceptance
-estimated online and this machine's measured round costs (``costs.calibrate``), plain decoding
-(width 1) included. Any width gives the same output (each round is verified on its
-own), so schedules change speed only.
+estimated online and this machine's measured round costs (``costs.calibrate``, corrected by
+timed rounds: ``costs.LearnedCosts``), plain decoding (width 1) included; a session's
+``Acceptance`` carries what earlier generations saw into the next one. Any width gives the
+same output (each round is verified on its own), so schedules change speed only.
 """
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from .costs import LearnedCosts
 from .options import AUTO, BlockSize, check_block_size
 
 
@@ -54,6 +56,9 @@ class Fixed:
     def update(self, committed: int, width: int, context: int = 0) -> None:
         """A round of ``width`` committed ``committed`` tokens; ``context`` tokens are now cached."""
 
+    def observe(self, seconds: float) -> None:
+        """The round of the last ``update`` took ``seconds`` (from the previous round's end)."""
+
 
 class Refine(Fixed):
     """Start at the pick and move within ``[lo, hi]`` after each round (``refine_width``)."""
@@ -66,14 +71,45 @@ class Refine(Fixed):
         self.width = refine_width(self.width, committed, width, self.lo, self.hi)
 
 
+class Acceptance:
+    """How often the draft at each block position was accepted when the ones before it were:
+    ``hits[k] / seen[k]`` at position ``k + 1``, moving averages that keep ``memory`` of
+    their past per round (starting from ``hits`` and ``seen``, a prior)."""
+
+    def __init__(self, memory: float, hits: Sequence[float] = (), seen: Sequence[float] = ()):
+        self.memory, self.hits, self.seen = memory, list(hits), list(seen)
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        """A round kept ``accepted`` of its ``drafted`` drafts (a round cut short by EOS or
+        ``max_tokens`` undercounts: harmless)."""
+        seen = min(accepted + 1, drafted)  # positions seen: the accepted ones and the first miss
+        grow = max(0, seen - len(self.seen))
+        self.hits, self.seen = self.hits + [0.0] * grow, self.seen + [0.0] * grow
+        for k in range(seen):
+            self.hits[k] = self.memory * self.hits[k] + (k < accepted)
+            self.seen[k] = self.memory * self.seen[k] + 1
+
+    def rates(self) -> list:
+        return [h / s for h, s in zip(self.hits, self.seen)]
+
+
+def session_acceptance() -> Acceptance:
+    """A session's acceptance over its generations (kept beside the bundle's costs): a slow
+    average, about the last 200 drafted rounds."""
+    return Acceptance(memory=0.995)
+
+
 class CostAware(Fixed):
     """Each round's width maximises expected committed tokens per second of round.
 
     Acceptance is estimated online per block position: ``rate[k]`` is how often the
-    k-th draft was accepted when the ones before it were (a moving average with a
-    prior, so few rounds already steer). With ``costs.round_s`` from calibration, a
-    width ``w`` is worth ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens
-    per second; width 1 is plain decoding. Plain rounds teach nothing about drafting,
+    k-th draft was accepted when the ones before it were (a moving average starting from
+    the session's ``acceptance`` when given, else from a blind prior, so few rounds
+    already steer). With ``costs.round_s`` from calibration, a width ``w`` is worth
+    ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens per second; width 1 is
+    plain decoding. With ``costs.LearnedCosts`` the rounds' times (``observe``) correct
+    the calibration, and a drafting width next to the best one that was never timed is
+    tried once. Plain rounds teach nothing about drafting,
     so after ``probe_every`` of them one round drafts again at the best drafting width;
     where a drafted round costs much more than a plain step (long context), probes are
     spaced so that they cost at most ``probe_budget`` of the time even when they fail.
@@ -87,18 +123,25 @@ class CostAware(Fixed):
 
     def __init__(self, width: int, costs, max_width: int, context: int, unread: int = 0,
                  remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
-                 memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256):
+                 memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
+                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0):
         super().__init__(width)
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
         n = self.max_width - 1
-        self.hits, self.seen = [prior * prior_rounds] * n, [prior_rounds] * n
-        self.memory, self.probe_every, self.probe_budget, self.plain = memory, probe_every, probe_budget, 0
+        hits, seen = [prior * prior_rounds] * n, [prior_rounds] * n
+        if acceptance is not None:  # start from the session's rates, each worth `session_rounds` rounds
+            for k, (h, c) in enumerate(zip(acceptance.hits[:n], acceptance.seen)):
+                hits[k], seen[k] = session_rounds * (h + prior) / (c + 1), session_rounds
+        self.estimate, self.session = Acceptance(memory, hits, seen), acceptance
+        self.last = None  # the last round: its width, context and features read first
+        self.run = [0.0, 0, 0]  # the plain rounds since the last drafted one: seconds, rounds, first context
+        self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
         self.unread, self.remaining, self.horizon = unread, remaining, horizon
         if width > 1 and not self.pays(width):
             self.width = 1
 
     def rates(self) -> list:
-        return [h / s for h, s in zip(self.hits, self.seen)]
+        return self.estimate.rates()
 
     def speeds(self) -> list:
         """Expected committed tokens per second at every width 1..max_width (index width - 1)."""
@@ -129,7 +172,30 @@ class CostAware(Fixed):
         extra = self.costs.round_s(width, self.context) / self.costs.round_s(1, self.context) - 1
         return max(self.probe_every, math.ceil(extra / self.probe_budget))
 
+    def observe(self, seconds: float) -> None:
+        """With ``LearnedCosts``, the last round's time corrects what rounds of its width cost.
+
+        Plain rounds are timed as a run (a drafted round ends it, or 16 plain rounds): one
+        built ahead on another is waited for with it, so single ones are not their cost.
+        A drafted round that first read a backlog of features is not a typical one."""
+        if self.last is None or not isinstance(self.costs, LearnedCosts):
+            return
+        width, context, read = self.last
+        if width == 1:
+            if not self.run[1]:
+                self.run[2] = context
+            self.run[:2] = self.run[0] + seconds, self.run[1] + 1
+            if self.run[1] < 16:
+                return
+        total, rounds, start = self.run
+        if rounds:
+            self.costs.observe(1, start, total / rounds)
+            self.run = [0.0, 0, 0]
+        if width > 1 and read <= self.max_width:
+            self.costs.observe(width, context, seconds)
+
     def update(self, committed: int, width: int, context: int = 0) -> None:
+        self.last = (width, self.context, self.unread)
         self.context = context or self.context
         if self.remaining is not None:
             self.remaining -= committed
@@ -137,13 +203,15 @@ class CostAware(Fixed):
             self.unread += 1
         else:
             self.unread = committed  # the drafter read everything; this round's kept inputs wait
-            accepted = committed - 1  # drafts kept (a round cut short by EOS or max_tokens undercounts: harmless)
-            for k in range(min(accepted + 1, width - 1)):  # positions seen: the accepted ones and the first miss
-                self.hits[k] = self.memory * self.hits[k] + (k < accepted)
-                self.seen[k] = self.memory * self.seen[k] + 1
+            for acceptance in (self.estimate, self.session):
+                if acceptance is not None:
+                    acceptance.observe(committed - 1, width - 1)
         speeds = self.speeds()
         drafting = max(range(2, self.max_width + 1), key=lambda w: speeds[w - 1])
         best = drafting if self.pays(drafting, speeds) else 1
+        if best > 1 and isinstance(self.costs, LearnedCosts):  # a neighbour never timed is tried once
+            best = next((w for w in (best - 1, best + 1) if 2 <= w <= self.max_width and w not in self.costs.samples),
+                        best)
         self.plain = self.plain + 1 if best == 1 else 0
         if self.plain > self.probe_interval(drafting):
             self.plain = 0
@@ -153,14 +221,16 @@ class CostAware(Fixed):
 
 
 def make_schedule(width: int, block_size: BlockSize, policy, refine: bool, costs=None, max_width: int = 8,
-                  context: int = 0, unread: int = 0, remaining: Optional[int] = None) -> Fixed:
+                  context: int = 0, unread: int = 0, remaining: Optional[int] = None,
+                  acceptance: Optional[Acceptance] = None) -> Fixed:
     """The schedule of a generation whose block size was picked as ``width``: ``CostAware``
     when ``refine`` and calibrated ``costs`` are given (widths 1 to ``max_width``, the
     drafter's training block size: wider blocks are outside what it learned; or ``width``
     if larger; ``context`` tokens cached, ``unread`` of them not yet read by the drafter,
-    ``remaining`` tokens at most to generate), else ``Refine`` or ``Fixed``."""
+    ``remaining`` tokens at most to generate; the session's ``acceptance`` to start from and
+    add to), else ``Refine`` or ``Fixed``."""
     if refine and costs is not None:
-        return CostAware(width, costs, max(max_width, width), context, unread, remaining)
+        return CostAware(width, costs, max(max_width, width), context, unread, remaining, acceptance=acceptance)
     if refine:
         return Refine(width, *refine_window(width, block_size, policy))
     return Fixed(width)

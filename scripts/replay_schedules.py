@@ -15,6 +15,8 @@ the bundle's calibration, and the controller sees the calibration. On this share
 
 import argparse
 import json
+import math
+import random
 import statistics
 
 import mlx.core as mx
@@ -23,12 +25,12 @@ from tqdm import tqdm
 
 from mlx_blockpilot.bundle import load
 from mlx_blockpilot.cli.bench import prompt_source
-from mlx_blockpilot.costs import Costs, calibrate
+from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, read_costs
 from mlx_blockpilot.decode import generate_step, make_cache, prefill
 from mlx_blockpilot.demo import ensure_bundle
 from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.prompts import encode_prompt, load_prompts
-from mlx_blockpilot.schedule import CostAware
+from mlx_blockpilot.schedule import CostAware, session_acceptance
 
 WIDTHS = range(2, 9)
 
@@ -56,23 +58,41 @@ def record(bundle, prompt, max_tokens):
     return {"prompt_tokens": len(prompt), "accepted": table}
 
 
-def replay(rec, schedule, truth: Costs) -> float:
-    """Tokens/s after the first token of ``schedule`` (an int: a fixed width) on one recorded prompt."""
+def replay(rec, schedule, truth: Costs, timed: bool = False, noise: float = 0.0, rng=None) -> float:
+    """Tokens/s after the first token of ``schedule`` (an int: a fixed width) on one recorded
+    prompt; ``timed``: the schedule is told each round's seconds (times a log-normal factor
+    of spread ``noise``, as timing on a shared machine)."""
     table, context = rec["accepted"], rec["prompt_tokens"]
     t, seconds, unread = 0, 0.0, context
     while t < len(table):
         w = min(schedule if isinstance(schedule, int) else schedule.width, len(table) - t)
         committed = table[t][w - 2] + 1 if w > 1 else 1
-        seconds += truth.round_s(w, context + t)
+        took = truth.round_s(w, context + t)
         if w > 1:
-            seconds += truth.catch_up_s(unread)
+            took += truth.catch_up_s(unread)
             unread = committed
         else:
             unread += 1
+        seconds += took
         if not isinstance(schedule, int):
             schedule.update(committed, w, context + t + committed)
+            if timed:
+                schedule.observe(took * math.exp(rng.gauss(0, noise)) if noise else took)
         t += committed
     return len(table) / seconds
+
+
+def controlled(recs, truth, costs, start, memory, noise=None, session=None):
+    """Tokens/s of ``CostAware`` from ``start`` on each prompt in turn, its ``costs`` and
+    ``session`` (when given) kept from prompt to prompt as on a bundle; rounds timed with
+    ``noise`` unless None."""
+    rng = random.Random(0)
+    out = []
+    for r in recs:
+        s = CostAware(start, costs, 8, r["prompt_tokens"], r["prompt_tokens"], len(r["accepted"]), memory=memory,
+                      acceptance=session)
+        out.append(replay(r, s, truth, noise is not None, noise or 0.0, rng))
+    return out
 
 
 def main():
@@ -84,7 +104,9 @@ def main():
     parser.add_argument("--skip", type=int, default=0, help="leave out the first SKIP prompts of each file")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--truth", help="real round seconds at widths 1-8 (JSON list); default: the calibration")
-    parser.add_argument("--memory", default="0.9,0.98", help="CostAware memories to replay")
+    parser.add_argument("--memory", default="0.9", help="CostAware memories to replay")
+    parser.add_argument("--calibration", help="the controller's costs from this calibration.json (default: the bundle's)")
+    parser.add_argument("--noise", type=float, default=0.1, help="log-normal spread of the round times the controller sees")
     args = parser.parse_args()
     if bool(args.record) == bool(args.replay):
         parser.error("give one of --record OUT or --replay IN")
@@ -101,7 +123,7 @@ def main():
             json.dump(recs, f)
         return
     recs = json.load(open(args.replay))
-    costs = calibrate(bundle)
+    costs = read_costs(args.calibration) if args.calibration else calibrate(bundle)
     truth = costs
     if args.truth:
         seconds = json.load(open(args.truth))
@@ -110,9 +132,11 @@ def main():
     rows["oracle (best fixed per prompt)"] = [max(rows[f"B={w}"][i] for w in (1, 2, 3, 4)) for i in range(len(recs))]
     for memory in (float(m) for m in args.memory.split(",")):
         for start in (2, 3):
-            rows[f"CostAware memory {memory} from B={start}"] = [
-                replay(r, CostAware(start, costs, 8, r["prompt_tokens"], r["prompt_tokens"], len(r["accepted"]), memory=memory), truth)
-                for r in recs]
+            name = f"CostAware memory {memory} from B={start}"
+            rows[name] = controlled(recs, truth, costs, start, memory)
+            rows[name + ", timed rounds"] = controlled(recs, truth, LearnedCosts(costs), start, memory, args.noise)
+            rows[name + ", timed rounds, session acceptance"] = controlled(
+                recs, truth, LearnedCosts(costs), start, memory, args.noise, session_acceptance())
     plain = rows["B=1"]
     categories = sorted({r["category"] for r in recs})
     print("| schedule | all | " + " | ".join(categories) + " |\n|---|---:|" + "---:|" * len(categories))

@@ -8,10 +8,10 @@ from test_sampling import RUNS, STEPS, assert_same_distribution, exact_distribut
 from test_sampling import small_vocab  # noqa: F401
 
 from mlx_blockpilot.bench.drafters import ScriptedDraft
-from mlx_blockpilot.costs import Costs, calibrate, load_costs, measure, read_costs
+from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, load_costs, measure, read_costs
 from mlx_blockpilot.decode import generate, generate_step
 from mlx_blockpilot.options import GenerationOptions
-from mlx_blockpilot.schedule import CostAware
+from mlx_blockpilot.schedule import CostAware, session_acceptance
 
 
 def costs(draft_s=0.1, verify_growth=0.1, read_s=0.0):
@@ -93,6 +93,72 @@ def test_cost_aware_rule():
     assert s.width in (1, 2) and s.rates()[0] < 0.1
 
 
+def test_learned_costs_follow_timed_rounds():
+    c = costs()  # plain 1 s, width 2 1.2 s, width 4 1.4 s, width 8 1.8 s
+    learned = LearnedCosts(c, window=5)
+    assert learned.round_s(4, 100) == c.round_s(4, 100)  # nothing timed yet: the calibration
+    for seconds in (2.8, 2.8, 2.8, 100.0):  # width 4 really costs twice as much; one round caught a pause
+        learned.observe(4, 100, seconds)
+    assert learned.round_s(4, 100) == pytest.approx(2.8) and learned.round_s(4, 9000) == pytest.approx(2.8)
+    assert learned.round_s(8, 100) == pytest.approx(2 * c.round_s(8, 100))  # past the widths timed: flat ratio
+    learned.observe(1, 100, 1.0)
+    assert learned.round_s(1, 100) == pytest.approx(1.0)
+    assert learned.round_s(2, 100) == pytest.approx(c.round_s(2, 100) * 4 / 3)  # ratios 1 and 2: interpolated
+    for _ in range(5):  # the window forgets: the machine got faster
+        learned.observe(4, 100, 1.4)
+    assert learned.round_s(4, 100) == pytest.approx(1.4)
+    assert learned.catch_up_s(100) == c.catch_up_s(100)
+
+
+def test_controller_moves_off_a_width_that_times_slower_than_calibrated():
+    def run(true_s):
+        s = CostAware(4, LearnedCosts(costs()), 8, context=100)
+        widths = []
+        for _ in range(40):
+            w = s.width
+            s.update(min(w, 3), w)  # the first two drafts always accepted, never a third
+            s.observe(true_s(w))
+            widths.append(w)
+        return widths
+
+    assert run(lambda w: costs().round_s(w, 100))[-1] == 3  # timed as calibrated: width 3 (two drafts and the target's token)
+    slow = run(lambda w: costs().round_s(w, 100) * (1 if w < 3 else 1.5))  # width 3 up costs half as much again
+    assert slow[-1] == 2 and slow.count(2) > 20
+
+
+def test_plain_rounds_are_timed_as_a_run():
+    learned = LearnedCosts(costs())
+    s = CostAware(1, learned, 8, context=100)
+    s.width = 1
+    for seconds in (2.0, 0.0, 1.0, 1.0):  # a round built ahead on the first is waited for with it
+        s.update(1, 1)
+        s.observe(seconds)
+    assert not learned.samples  # the run goes on
+    s.update(3, 4)
+    s.observe(1.4)
+    assert learned.round_s(1, 100) == pytest.approx(1.0) and learned.round_s(4, 100) == pytest.approx(1.4)
+    backlog = CostAware(4, learned, 8, context=100, unread=50)  # a first round that reads 50 features
+    backlog.update(3, 4)
+    backlog.observe(30.0)
+    assert learned.round_s(4, 100) == pytest.approx(1.4)  # not taken as what width 4 costs
+
+
+def test_a_generation_starts_from_the_sessions_acceptance():
+    acceptance = session_acceptance()
+    first = CostAware(4, costs(), 8, context=100, acceptance=acceptance)
+    assert first.rates() == [0.5] * 7  # nothing seen yet: the blind prior
+    for _ in range(50):
+        first.update(2, 4)  # one draft kept, the second rejected
+    assert acceptance.rates()[:2] == [pytest.approx(1.0), 0.0] and len(acceptance.rates()) == 2
+    second = CostAware(4, costs(), 8, context=100, acceptance=acceptance)
+    assert second.rates()[0] > 0.95 and second.rates()[1] < 0.05 and second.rates()[2] == 0.5
+    blind = CostAware(4, costs(), 8, context=100)
+    for s in (second, blind):  # the policy's pick first, then one round like the session's
+        assert s.width == 4
+        s.update(2, 4)
+    assert (second.width, blind.width) == (2, 3)  # the session's rates already steer; the blind prior's barely
+
+
 def test_drafting_starts_only_when_the_drafters_catch_up_pays_back():
     # B=3 with the prior: 1.75 tokens per 1.3 s against 1 per 1 s plain: ~0.26 s saved per token
     cheap, slow = costs(read_s=1e-4), costs(read_s=0.01)
@@ -126,6 +192,19 @@ def test_probes_are_spaced_by_what_a_failed_one_costs():
 
     assert probes(costs(verify_growth=0.1)) >= 15  # a drafted round costs 1.2 plain steps: every 8 plain rounds
     assert 3 <= probes(costs(verify_growth=1.0)) <= 6  # 2.1 plain steps: one per ~37, failed probes cost < 3%
+
+
+def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
+    tok = no_eos(qwen3.tokenizer)
+    learned, acceptance = LearnedCosts(costs()), session_acceptance()
+    for seed in (1, 2, 3):
+        prompt = make_prompt(11 + seed, seed=seed)
+        r = generate(qwen3.model, qwen3.draft, tok, prompt, block_size=3, max_tokens=40, refine=True,
+                     costs=learned, acceptance=acceptance)
+        assert r.tokens == reference(qwen3.model, prompt, max_tokens=40)
+    # real rounds of the tiny model take milliseconds, the synthetic calibration says seconds
+    assert learned.samples and all(0 < learned.ratio(w) < 0.5 for w in learned.samples)
+    assert acceptance.seen and acceptance.seen[0] > 3
 
 
 def test_a_long_unread_prompt_is_decoded_plain_and_exact(qwen3):

@@ -12,6 +12,7 @@ from test_sampling import chi2_pvalue, small_vocab, word_tokenizer  # noqa: F401
 
 from mlx_blockpilot import generate, load
 from mlx_blockpilot.bench.drafters import ScriptedDraft
+from mlx_blockpilot.costs import LearnedCosts
 from mlx_blockpilot.cli.common import parse_block_sizes
 from mlx_blockpilot.cli.sweep import main as sweep_main
 from mlx_blockpilot.options import GenerationOptions
@@ -19,7 +20,7 @@ from mlx_blockpilot.cli.train_policy import main as train_main
 from mlx_blockpilot.decode import generate as decode_generate
 from mlx_blockpilot.errors import BlockPilotError
 from mlx_blockpilot.policy import choose_block_size, load_policy
-from mlx_blockpilot.schedule import refine_width, refine_window
+from mlx_blockpilot.schedule import Acceptance, refine_width, refine_window
 from mlx_blockpilot.training.policy_trainer import read_data
 from mlx_blockpilot.training.sweep import sweep
 from mlx_blockpilot.training.sweep_file import read_sweep
@@ -257,6 +258,9 @@ def test_trained_policy_in_the_engine_is_lossless(qwen3, tmp_path, monkeypatch):
         assert refined.tokens == r.tokens and refined.block_size == r.block_size
         assert all(1 <= a <= 8 for a in refined.acceptance_lengths)
     assert bundle.costs is not None and list((tmp_path / "cache" / "calibration").glob("*.json"))
+    # the bundle keeps what its generations taught: round times (and acceptance, once it drafts:
+    # this random drafter is not worth it, decoding stayed plain)
+    assert isinstance(bundle.costs, LearnedCosts) and bundle.costs.samples and isinstance(bundle.acceptance, Acceptance)
     assert GenerationOptions(block_size=4).resolve(16, None).refine is False
     assert GenerationOptions().resolve(16, bundle.policy).refine is True
     assert GenerationOptions(refine=False).resolve(16, bundle.policy).refine is False

@@ -9,7 +9,8 @@ machine noise hits all rows alike:
   ``ours auto+refine`` the same with the cost-blind per-round rule (``schedule.Refine``), and
   ``oracle``: the best fixed size per prompt (from the same runs); with calibrated costs,
   ``ours control`` (the per-round controller from B=2) and ``ours auto+control`` (from the
-  policy's pick: what ``auto`` does by default) replace ``auto+refine``;
+  policy's pick: what ``auto`` does by default) replace ``auto+refine``, learning round
+  times and acceptance over the run as over one session's generations;
 - ``dflash B=N``: the official ``dflash.model_mlx.stream_generate`` (when
   installed) on its own copy of the target, checked to give our tokens at T=0;
 - ``engine B=N``: our loop with a drafter that pays the real drafter's cost but
@@ -28,8 +29,9 @@ import mlx.core as mx
 
 from .. import decode, target
 from ..errors import BlockPilotError
-from ..costs import measure
+from ..costs import LearnedCosts, measure
 from ..options import GenerationOptions
+from ..schedule import session_acceptance
 from .drafters import true_continuation
 from .report import mean_of, median_of, summarize
 
@@ -88,9 +90,11 @@ def run_mlx_lm(model, tokenizer, prompt, opts) -> Dict[str, Any]:
     return dict(tokens=tokens, prefill_s=prefill, decode_tokens_per_s=tps)
 
 
-def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None, refine=False, costs=None) -> Dict[str, Any]:
+def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None, refine=False, costs=None,
+             acceptance=None) -> Dict[str, Any]:
     stream = decode.stream_generate(
         model, draft, tokenizer, prompt, block_size=block_size, policy=policy, refine=refine, costs=costs,
+        acceptance=acceptance,
         max_tokens=opts["max_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
         top_k=opts["top_k"], seed=opts.get("seed"),
     )
@@ -212,13 +216,17 @@ def run_benchmark(
                                   + ", ".join(name for name, _ in configs))
         configs = [(name, b) for name, b in configs if name == "mlx-lm" or name in rows]
 
+    # The controller's rows learn over the run as over a session: round times, acceptance.
+    learned, acceptance = (LearnedCosts(costs), session_acceptance()) if costs is not None else (None, None)
+
     def one(name, b, prompt, reference, opts):
         if name == "mlx-lm":
             return run_mlx_lm(model, tok, prompt, opts)
         if name.startswith("ours"):
             control = name.endswith("control")
             return run_ours(model, draft, tok, prompt, opts, b, policy=bundle.policy,
-                            refine=name.endswith(("refine", "control")), costs=costs if control else None)
+                            refine=name.endswith(("refine", "control")), costs=learned if control else None,
+                            acceptance=acceptance if control else None)
         if name.startswith("dflash"):
             return run_official(official, tok, prompt, opts, b)
         oracle = true_continuation(draft, list(prompt) + reference, vocab)
