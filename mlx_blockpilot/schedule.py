@@ -129,11 +129,12 @@ class CostAware(Fixed):
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
         n = self.max_width - 1
         hits, seen = [prior * prior_rounds] * n, [prior_rounds] * n
-        if acceptance is not None:  # start from the session's rates, each worth `session_rounds` rounds
+        if acceptance is not None:  # the session's counts added, worth at most `session_rounds` rounds
             for k, (h, c) in enumerate(zip(acceptance.hits[:n], acceptance.seen)):
-                hits[k], seen[k] = session_rounds * (h + prior) / (c + 1), session_rounds
+                weight = min(c, session_rounds)
+                hits[k], seen[k] = hits[k] + weight * h / c, seen[k] + weight
         self.estimate, self.session = Acceptance(memory, hits, seen), acceptance
-        self.last = None  # the last round: its width, context and features read first
+        self.last = None  # the last round: its width, context, whether a drafted round came before it
         self.run = [0.0, 0, 0]  # the plain rounds since the last drafted one: seconds, rounds, first context
         self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
         self.unread, self.remaining, self.horizon = unread, remaining, horizon
@@ -177,10 +178,11 @@ class CostAware(Fixed):
 
         Plain rounds are timed as a run (a drafted round ends it, or 16 plain rounds): one
         built ahead on another is waited for with it, so single ones are not their cost.
-        A drafted round that first read a backlog of features is not a typical one."""
+        A drafted round is timed after another drafted one only: after plain rounds its
+        drafter first reads their features (``costs.catch_up_s`` prices that)."""
         if self.last is None or not isinstance(self.costs, LearnedCosts):
             return
-        width, context, read = self.last
+        width, context, after_drafted = self.last
         if width == 1:
             if not self.run[1]:
                 self.run[2] = context
@@ -191,11 +193,11 @@ class CostAware(Fixed):
         if rounds:
             self.costs.observe(1, start, total / rounds)
             self.run = [0.0, 0, 0]
-        if width > 1 and read <= self.max_width:
+        if width > 1 and after_drafted:
             self.costs.observe(width, context, seconds)
 
     def update(self, committed: int, width: int, context: int = 0) -> None:
-        self.last = (width, self.context, self.unread)
+        self.last = (width, self.context, self.last is not None and self.last[0] > 1)
         self.context = context or self.context
         if self.remaining is not None:
             self.remaining -= committed

@@ -1,16 +1,19 @@
 """Schedules replayed on recorded acceptance: noise-free tokens/s by width rule.
 
     scripts/with-openblas python scripts/replay_schedules.py --record acc.json --limit 8
-    scripts/with-openblas python scripts/replay_schedules.py --replay acc.json --memory 0.9,0.98
+    scripts/with-openblas python scripts/replay_schedules.py --replay acc.json --truth real_round_s.json
 
 Greedy output does not depend on the schedule, so one plain decoding per prompt gives the
 tokens, one target pass over prompt + answer their features, and one drafter pass per answer
 position and width (2 to 8) how many drafts a round starting there would keep (checked against
 real rounds: identical). ``--replay`` then runs fixed widths, the per-prompt oracle over them
-and ``schedule.CostAware`` (with each ``--memory``) on that table. What a round costs comes
-from ``--truth`` (real round seconds by width 1-8 as a JSON list, measured elsewhere) or else
-the bundle's calibration, and the controller sees the calibration. On this shared CPU a
-1-2% difference between schedules is lost in the noise of real runs; here it is not.
+and ``schedule.CostAware`` (with each ``--memory``) on that table: on the calibration alone,
+told each round's time (as decoding does with ``costs.LearnedCosts``; times scattered by
+``--noise``), and also starting each prompt from the acceptance of the ones before (a
+session). What a round costs comes from ``--truth`` (real round seconds by width 1-8 as a
+JSON list, measured elsewhere) or else the calibration (``--calibration`` or the bundle's).
+On this shared CPU a 1-2% difference between schedules is lost in the noise of real runs;
+here it is not.
 """
 
 import argparse
@@ -82,15 +85,15 @@ def replay(rec, schedule, truth: Costs, timed: bool = False, noise: float = 0.0,
     return len(table) / seconds
 
 
-def controlled(recs, truth, costs, start, memory, noise=None, session=None):
+def controlled(recs, truth, costs, start, memory, noise=None, acceptance=None):
     """Tokens/s of ``CostAware`` from ``start`` on each prompt in turn, its ``costs`` and
-    ``session`` (when given) kept from prompt to prompt as on a bundle; rounds timed with
+    ``acceptance`` (when given) kept from prompt to prompt as on a bundle; rounds timed with
     ``noise`` unless None."""
     rng = random.Random(0)
     out = []
     for r in recs:
         s = CostAware(start, costs, 8, r["prompt_tokens"], r["prompt_tokens"], len(r["accepted"]), memory=memory,
-                      acceptance=session)
+                      acceptance=acceptance)
         out.append(replay(r, s, truth, noise is not None, noise or 0.0, rng))
     return out
 
@@ -106,7 +109,8 @@ def main():
     parser.add_argument("--truth", help="real round seconds at widths 1-8 (JSON list); default: the calibration")
     parser.add_argument("--memory", default="0.9", help="CostAware memories to replay")
     parser.add_argument("--calibration", help="the controller's costs from this calibration.json (default: the bundle's)")
-    parser.add_argument("--noise", type=float, default=0.1, help="log-normal spread of the round times the controller sees")
+    parser.add_argument("--noise", type=float, default=0.15,
+                        help="log-normal spread of the round times the controller sees (real drafted rounds here: 0.13-0.16)")
     args = parser.parse_args()
     if bool(args.record) == bool(args.replay):
         parser.error("give one of --record OUT or --replay IN")

@@ -171,6 +171,8 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
     assert set(check) == {"1", "3"} and all(c["runs"] == 5 and c["median_predicted_over_measured"] > 0 for c in check.values())
     assert check["1"]["relative_to_plain"] is None and check["3"]["relative_to_plain"] > 0
     assert "relative to plain" in (out / "results.md").read_text()
+    assert all(c["learned_over_measured"] > 0 for c in check.values())  # the controller's costs after the run
+    assert "after the run's timed rounds" in (out / "results.md").read_text()
     # --rows: a subset of the rows (mlx-lm always), and a clear error for a row this run does not have
     assert bench_main(argv + ["--rows", "ours B=3,ours control", "--out", str(tmp_path / "some")]) == 0
     some = json.loads((tmp_path / "some" / "results.json").read_text())

@@ -135,11 +135,14 @@ def test_plain_rounds_are_timed_as_a_run():
         s.observe(seconds)
     assert not learned.samples  # the run goes on
     s.update(3, 4)
-    s.observe(1.4)
-    assert learned.round_s(1, 100) == pytest.approx(1.0) and learned.round_s(4, 100) == pytest.approx(1.4)
-    backlog = CostAware(4, learned, 8, context=100, unread=50)  # a first round that reads 50 features
-    backlog.update(3, 4)
-    backlog.observe(30.0)
+    s.observe(5.0)  # a drafted round ends it (its drafter first read the plain rounds' features)
+    assert learned.round_s(1, 100) == pytest.approx(1.0) and 4 not in learned.samples
+    s.update(3, 4)
+    s.observe(1.4)  # one after a drafted round: what width 4 costs
+    assert learned.round_s(4, 100) == pytest.approx(1.4)
+    first = CostAware(4, learned, 8, context=100, unread=50)  # a generation's first round reads the prompt
+    first.update(3, 4)
+    first.observe(30.0)
     assert learned.round_s(4, 100) == pytest.approx(1.4)  # not taken as what width 4 costs
 
 
@@ -224,10 +227,12 @@ def test_cost_aware_keeps_the_sampling_distribution(small_vocab):  # noqa: F811
     prompt = [1, 4, 2]
     exact = exact_distribution(model, prompt, 1.0, 1.0, 0)
     counts, widths = {}, set()
+    # half the runs learn over the "session" (round times, acceptance), as a bundle's generations do
+    learned, acceptance = LearnedCosts(costs(draft_s=0.01, verify_growth=0.05)), session_acceptance()
     for seed in range(RUNS):
+        session = dict(costs=learned, acceptance=acceptance) if seed % 2 else dict(costs=costs(draft_s=0.01, verify_growth=0.05))
         steps = list(generate_step(model, draft, prompt, GenerationOptions(max_tokens=STEPS, block_size=2, refine=True,
-                                                                          temperature=1.0, seed=seed),
-                                   costs=costs(draft_s=0.01, verify_growth=0.05)))
+                                                                          temperature=1.0, seed=seed), **session))
         widths.update(s.width for s in steps[1:])
         seq = tuple(t for s in steps for t in s.tokens)
         counts[seq] = counts.get(seq, 0) + 1

@@ -292,18 +292,19 @@ def run_benchmark(
     results = summarize(runs, isolated, prof, len(prompts), settings,
                         list(categories) if categories else None, [len(p) for p in prompts])
     if costs is not None:
-        results["calibration"] = calibration_check(runs, costs, [len(p) for p in prompts])
+        results["calibration"] = calibration_check(runs, costs, [len(p) for p in prompts], learned)
     return results
 
 
-def calibration_check(runs: List[Run], costs, prompt_lengths: List[int]) -> Dict[str, Any]:
+def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned=None) -> Dict[str, Any]:
     """Calibrated round cost against the measured one of every fixed-size run (the round's
-    mean over the run: decode seconds / rounds), by block size: median predicted/measured.
+    mean over the run: decode seconds / rounds), by block size: median predicted/measured
+    (``learned_over_measured``: the same for ``learned``, the controller's costs after the run).
 
     ``relative_to_plain`` compares the ratios to plain decoding (B=1) on the same prompt and
     repeat instead: what steers the controller, and free of the machine's drift between the
     calibration and the run (the absolute ratio is not)."""
-    out, measured_by = {}, {}
+    out, measured_by, learned_by = {}, {}, {}
     for r in runs:
         if not (r.config.startswith("ours B=") and r.rounds and r.decode_tokens_per_s):
             continue
@@ -312,11 +313,14 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int]) -> Dict
         predicted = costs.round_s(r.block_size, context)
         measured_by[(r.block_size, r.prompt, r.repeat)] = (predicted, measured)
         out.setdefault(r.block_size, []).append(predicted / measured)
+        if learned is not None:
+            learned_by.setdefault(r.block_size, []).append(learned.round_s(r.block_size, context) / measured)
     relative = {}
     for (b, prompt, repeat), (predicted, measured) in measured_by.items():
         plain = measured_by.get((1, prompt, repeat))
         if b > 1 and plain:
             relative.setdefault(b, []).append((predicted / plain[0]) / (measured / plain[1]))
     return {str(b): {"median_predicted_over_measured": median_of(v), "runs": len(v), "min": min(v), "max": max(v),
-                     "relative_to_plain": median_of(relative[b]) if b in relative else None}
+                     "relative_to_plain": median_of(relative[b]) if b in relative else None,
+                     "learned_over_measured": median_of(learned_by[b]) if b in learned_by else None}
             for b, v in sorted(out.items())}
