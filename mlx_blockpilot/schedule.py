@@ -119,13 +119,20 @@ class CostAware(Fixed):
     starts only when its expected saving over the next ``horizon`` tokens (at most the
     ``remaining`` ones) pays that back, and a probe only when the read costs no more than
     a plain step: at long context with a weak drafter, decoding stays plain.
+
+    The width it starts from (the policy's pick) is trusted: the controller moves below it
+    only for a width expected to be faster by more than ``trust`` (a fraction), since its
+    estimates from a few noisy rounds are often wrong by that much and plain rounds teach it
+    nothing; the decision to pay for a long read (after a long prompt) is taken on the
+    estimates alone.
     """
 
     def __init__(self, width: int, costs, max_width: int, context: int, unread: int = 0,
                  remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
                  memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
-                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0):
+                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = 0.1):
         super().__init__(width)
+        self.home, self.trust = width, trust
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
         n = self.max_width - 1
         hits, seen = [prior * prior_rounds] * n, [prior_rounds] * n
@@ -157,10 +164,26 @@ class CostAware(Fixed):
     def tokens_per_s(self, width: int) -> float:
         return self.speeds()[width - 1]
 
+    def read_is_cheap(self) -> bool:
+        """The drafter's read of the features it has not seen costs no more than a plain step."""
+        return self.costs.catch_up_s(self.unread) <= self.costs.round_s(1, self.context)
+
+    def scores(self) -> list:
+        """``speeds()`` with the widths below the pick lowered by ``trust``: the controller
+        leaves the width it started from for a narrower one (or plain decoding) only when that
+        is expected to be faster by more than ``trust``. Narrower rounds observe fewer block
+        positions, so a wrong move down is slow to undo; a move up observes more and corrects
+        itself. Not while a costlier read is due (after a long prompt): trust must not pay for
+        a measured cost."""
+        speeds = self.speeds()
+        if not self.read_is_cheap():
+            return speeds
+        return [s / (1 + self.trust) if w < self.home else s for w, s in enumerate(speeds, start=1)]
+
     def pays(self, width: int, speeds: Optional[list] = None) -> bool:
         """Drafting at ``width`` beats plain decoding, its first round's read included
-        (``speeds``: this update's ``speeds()``, computed once)."""
-        speeds = speeds or self.speeds()
+        (``speeds``: this update's ``scores()``, computed once)."""
+        speeds = speeds or self.scores()
         plain, drafted = speeds[0], speeds[width - 1]
         if drafted <= plain:
             return False
@@ -208,7 +231,7 @@ class CostAware(Fixed):
             for acceptance in (self.estimate, self.session):
                 if acceptance is not None:
                     acceptance.observe(committed - 1, width - 1)
-        speeds = self.speeds()
+        speeds = self.scores()
         drafting = max(range(2, self.max_width + 1), key=lambda w: speeds[w - 1])
         best = drafting if self.pays(drafting, speeds) else 1
         if best > 1 and isinstance(self.costs, LearnedCosts):  # a neighbour never timed is tried once
@@ -217,7 +240,7 @@ class CostAware(Fixed):
         self.plain = self.plain + 1 if best == 1 else 0
         if self.plain > self.probe_interval(drafting):
             self.plain = 0
-            if self.costs.catch_up_s(self.unread) <= self.costs.round_s(1, self.context):
+            if self.read_is_cheap():
                 best = drafting
         self.width = best
 

@@ -7,9 +7,9 @@ Greedy output does not depend on the schedule, so one plain decoding per prompt 
 tokens, one target pass over prompt + answer their features, and one drafter pass per answer
 position and width (2 to 8) how many drafts a round starting there would keep (checked against
 real rounds: identical). ``--replay`` then runs fixed widths, the per-prompt oracle over them
-and ``schedule.CostAware`` (with each ``--memory``) on that table: on the calibration alone,
-told each round's time (as decoding does with ``costs.LearnedCosts``; times scattered by
-``--noise``), and also starting each prompt from the acceptance of the ones before (a
+and ``schedule.CostAware`` (with each ``--memory`` and ``--trust``) on that table: on the
+calibration alone, told each round's time (as decoding does with ``costs.LearnedCosts``; times
+scattered by ``--noise``), and also starting each prompt from the acceptance of the ones before (a
 session). What a round costs comes from ``--truth`` (real round seconds by width 1-8 as a
 JSON list, measured elsewhere) or else the calibration (``--calibration`` or the bundle's).
 On this shared CPU a 1-2% difference between schedules is lost in the noise of real runs;
@@ -17,6 +17,7 @@ here it is not.
 """
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -85,15 +86,15 @@ def replay(rec, schedule, truth: Costs, timed: bool = False, noise: float = 0.0,
     return len(table) / seconds
 
 
-def controlled(recs, truth, costs, start, memory, noise=None, acceptance=None):
-    """Tokens/s of ``CostAware`` from ``start`` on each prompt in turn, its ``costs`` and
-    ``acceptance`` (when given) kept from prompt to prompt as on a bundle; rounds timed with
-    ``noise`` unless None."""
+def controlled(recs, truth, costs, start, memory, noise=None, acceptance=None, trust=0.0):
+    """Tokens/s of ``CostAware`` from ``start`` (trusted by ``trust``) on each prompt in turn, its
+    ``costs`` and ``acceptance`` (when given) kept from prompt to prompt as on a bundle; rounds
+    timed with ``noise`` unless None."""
     rng = random.Random(0)
     out = []
     for r in recs:
         s = CostAware(start, costs, 8, r["prompt_tokens"], r["prompt_tokens"], len(r["accepted"]), memory=memory,
-                      acceptance=acceptance)
+                      acceptance=acceptance, trust=trust)
         out.append(replay(r, s, truth, noise is not None, noise or 0.0, rng))
     return out
 
@@ -108,6 +109,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--truth", help="real round seconds at widths 1-8 (JSON list); default: the calibration")
     parser.add_argument("--memory", default="0.9", help="CostAware memories to replay")
+    parser.add_argument("--trust", default="0", help="CostAware trusts in the start width to replay")
     parser.add_argument("--calibration", help="the controller's costs from this calibration.json (default: the bundle's)")
     parser.add_argument("--noise", type=float, default=0.15,
                         help="log-normal spread of the round times the controller sees (real drafted rounds here: 0.13-0.16)")
@@ -134,13 +136,14 @@ def main():
         truth = Costs(list(range(1, 9)), [costs.contexts[0]], [seconds], [[0.0] * 8], costs.read_s[:1])
     rows = {f"B={w}": [replay(r, w, truth) for r in recs] for w in (1, 2, 3, 4)}
     rows["oracle (best fixed per prompt)"] = [max(rows[f"B={w}"][i] for w in (1, 2, 3, 4)) for i in range(len(recs))]
-    for memory in (float(m) for m in args.memory.split(",")):
+    for memory, trust in itertools.product(map(float, args.memory.split(",")), map(float, args.trust.split(","))):
         for start in (2, 3):
-            name = f"CostAware memory {memory} from B={start}"
-            rows[name] = controlled(recs, truth, costs, start, memory)
-            rows[name + ", timed rounds"] = controlled(recs, truth, LearnedCosts(costs), start, memory, args.noise)
+            name = f"CostAware memory {memory} trust {trust} from B={start}"
+            rows[name] = controlled(recs, truth, costs, start, memory, trust=trust)
+            rows[name + ", timed rounds"] = controlled(recs, truth, LearnedCosts(costs), start, memory, args.noise,
+                                                       trust=trust)
             rows[name + ", timed rounds, session acceptance"] = controlled(
-                recs, truth, LearnedCosts(costs), start, memory, args.noise, session_acceptance())
+                recs, truth, LearnedCosts(costs), start, memory, args.noise, session_acceptance(), trust)
     plain = rows["B=1"]
     categories = sorted({r["category"] for r in recs})
     print("| schedule | all | " + " | ".join(categories) + " |\n|---|---:|" + "---:|" * len(categories))

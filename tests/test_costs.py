@@ -93,6 +93,36 @@ def test_cost_aware_rule():
     assert s.width in (1, 2) and s.rates()[0] < 0.1
 
 
+def test_the_pick_is_left_for_a_narrower_width_only_when_faster_by_more_than_trust():
+    # Width 2 costs 1.2 plain steps: at acceptance rate r it is worth (1 + r) / 1.2 of plain.
+    def width(pick, rate, trust, max_width=2):
+        s = CostAware(pick, costs(), max_width, context=0, prior=rate, prior_rounds=1000, trust=trust)
+        s.update(1, pick)  # one round; the prior's 1000 rounds keep the rate
+        return s.width
+
+    assert width(2, 0.15, trust=0.0) == 1  # 0.96x of plain: plain
+    assert width(2, 0.15, trust=0.1) == 2  # within the pick's trust: kept
+    assert width(2, 0.0, trust=0.1) == 1  # 0.83x: plain all the same
+    assert width(1, 0.3, trust=0.1) == 2  # from a plain pick up to drafting at 1.08x: no trust needed
+    assert width(1, 0.0, trust=0.1) == 1  # 0.83x: stays plain
+    # At r = 0.3 width 2 beats the picked 3 by 1.3%: only a controller without trust moves.
+    assert width(3, 0.3, trust=0.0, max_width=3) == 2
+    assert width(3, 0.3, trust=0.1, max_width=3) == 3
+
+
+def test_trust_does_not_pay_for_a_long_read():
+    # A read of 8,000 unseen features costs 8 plain steps; width 2 at rate 0.3 saves 0.08 s a
+    # token (4.9 s over 64), trusted by 0.2 it would seem to save 0.23 s a token (14.8 s).
+    def width(unread, rate, trust):
+        return CostAware(2, costs(read_s=1e-3), 2, context=8000, unread=unread, remaining=64, prior=rate,
+                         prior_rounds=1000, trust=trust).width
+
+    assert width(8000, 0.3, trust=0.2) == 1  # the long read is judged on the estimates alone
+    assert width(8000, 0.6, trust=0.0) == 2  # 1.6 / 1.2 s: 16 s saved, paid back
+    assert width(500, 0.15, trust=0.0) == 1  # a cheap read (0.5 s), width 2 at 0.96x: plain
+    assert width(500, 0.15, trust=0.2) == 2  # trusted
+
+
 def test_learned_costs_follow_timed_rounds():
     c = costs()  # plain 1 s, width 2 1.2 s, width 4 1.4 s, width 8 1.8 s
     learned = LearnedCosts(c, window=5)
@@ -112,7 +142,7 @@ def test_learned_costs_follow_timed_rounds():
 
 def test_controller_moves_off_a_width_that_times_slower_than_calibrated():
     def run(true_s):
-        s = CostAware(4, LearnedCosts(costs()), 8, context=100)
+        s = CostAware(4, LearnedCosts(costs()), 8, context=100, trust=0.0)  # the estimates alone
         widths = []
         for _ in range(40):
             w = s.width
@@ -153,9 +183,9 @@ def test_a_generation_starts_from_the_sessions_acceptance():
     for _ in range(50):
         first.update(2, 4)  # one draft kept, the second rejected
     assert acceptance.rates()[:2] == [pytest.approx(1.0), 0.0] and len(acceptance.rates()) == 2
-    second = CostAware(4, costs(), 8, context=100, acceptance=acceptance)
+    second = CostAware(4, costs(), 8, context=100, acceptance=acceptance, trust=0.0)  # the estimates alone
     assert second.rates()[0] > 0.95 and second.rates()[1] < 0.05 and second.rates()[2] == 0.5
-    blind = CostAware(4, costs(), 8, context=100)
+    blind = CostAware(4, costs(), 8, context=100, trust=0.0)
     for s in (second, blind):  # the policy's pick first, then one round like the session's
         assert s.width == 4
         s.update(2, 4)
