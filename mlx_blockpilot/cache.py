@@ -37,13 +37,28 @@ class PromptCache:
     target: List[Any] = field(default=None, repr=False)
     draft: List[Any] = field(default=None, repr=False)
     tokens: List[int] = field(default_factory=list)
-    pending: Optional[mx.array] = field(default=None, repr=False)
+    pending_parts: List[mx.array] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if self.target is None:
             self.target = target_model.make_cache(self.model)
         if self.draft is None:
             self.draft = self.drafter.make_cache()
+
+    @property
+    def pending(self) -> Optional[mx.array]:
+        """The target's features ``(1, n, F)`` of the ``n`` last tokens, which the drafter has
+        not read yet, or None. They are kept as the passes left them and joined once, here: a
+        join at every commit chains lazy copies of the whole backlog, one per plain round, all
+        paid when a drafted round reads it (20 plain rounds after a 4k-token prompt: 0.77 s
+        instead of 35 ms on this CPU)."""
+        if len(self.pending_parts) > 1:
+            self.pending_parts = [mx.concatenate(self.pending_parts, axis=1)]
+        return self.pending_parts[0] if self.pending_parts else None
+
+    @pending.setter
+    def pending(self, features: Optional[mx.array]) -> None:
+        self.pending_parts = [] if features is None else [features]
 
     @property
     def drafted(self) -> int:
@@ -74,13 +89,12 @@ class PromptCache:
                 target_model.rewind_linear(self.model, replay, kept)
         self.tokens.extend(inputs)
         if hidden is not None and kept:
-            hidden = hidden[:, :kept] if hidden.shape[1] != kept else hidden
-            self.pending = hidden if self.pending is None else mx.concatenate([self.pending, hidden], axis=1)
+            self.pending_parts.append(hidden[:, :kept] if hidden.shape[1] != kept else hidden)
 
     def trim_to(self, length: int) -> int:
         """Rewind to the first ``length`` tokens (fewer if the caches cannot be trimmed); returns the length kept."""
         length = max(0, min(length, len(self.tokens)))
-        pending = 0 if self.pending is None else self.pending.shape[1]
+        pending = sum(part.shape[1] for part in self.pending_parts)
         if self.drafted + pending != len(self.tokens):
             length = 0
         if length < len(self.tokens) and not can_trim_prompt_cache(self.target):

@@ -46,3 +46,20 @@ def test_a_cache_that_cannot_be_trimmed_is_kept_or_starts_over(qwen3):
     assert cache.reuse(list(range(5)) + [99, 98]) == 0
     assert cache.tokens == [] and cache.pending is None and cache.drafted == 0
     assert all(c.offset == 0 for c in cache.target)
+
+
+def test_unread_features_are_joined_once_when_read(tiny):
+    tok = no_eos(tiny.tokenizer)
+    cache = make_cache(tiny.model, tiny.draft)
+    prompt = make_prompt(20, seed=3)
+    generate(tiny.model, tiny.draft, tok, prompt, block_size=1, max_tokens=6, prompt_cache=cache)
+    # plain rounds: the prefill's features, then one piece per round, none joined yet
+    parts = list(cache.pending_parts)
+    assert len(parts) == 1 + 5 and consistent(cache)
+    joined = cache.pending
+    assert len(cache.pending_parts) == 1 and joined.shape[1] == len(cache.tokens) - cache.drafted
+    assert mx.array_equal(joined, mx.concatenate(parts, axis=1))
+    length = len(cache.tokens) - 3  # a rewind into the unread features
+    assert cache.trim_to(length) == length and consistent(cache)
+    assert mx.array_equal(cache.take_pending(), mx.concatenate(parts, axis=1)[:, : length - cache.drafted])
+    assert cache.pending is None and cache.pending_parts == []
