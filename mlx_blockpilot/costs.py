@@ -30,6 +30,7 @@ from .errors import BlockPilotError
 CALIBRATION_FILE = "calibration.json"
 WIDTHS = (1, 2, 3, 4, 8)
 CONTEXTS = (256, 2048, 8192)
+LONG_WIDTHS = (1, 2, 4)  # timed at contexts past the shortest (their passes take most of the time)
 
 
 @dataclass
@@ -167,11 +168,15 @@ def _plain_step_s(model, caches: List[Any], ids, token: int, steps: int) -> floa
 
 
 def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 1,
-            progress: Optional[Callable[[str], None]] = None, plain_steps: int = 4) -> Costs:
+            progress: Optional[Callable[[str], None]] = None, plain_steps: int = 4,
+            long_widths: Sequence[int] = LONG_WIDTHS) -> Costs:
     """Time rounds at every width and context length as decoding runs them (the median of
     ``reps``, after one pass per context that warms its buffers up): a drafted round as one
     graph (its draft pass also alone, the rest is the verify pass's), a plain step (width 1)
-    pipelined over ``plain_steps`` steps, and the drafter reading a whole context's features."""
+    pipelined over ``plain_steps`` steps, and the drafter reading a whole context's features.
+    Drafted widths lie on a straight line per context (``straight``); past the shortest context
+    only ``long_widths`` are timed and the others read off that line (at 8k tokens a round takes
+    2-6 plain steps of the short context: timing every width there took half the time)."""
     tic = time.perf_counter()
     limit = target.max_context(model)
     contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
@@ -182,6 +187,9 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
     for n, length in enumerate(contexts):
         if progress:
             progress(f"calibrating: context {length} ({n + 1}/{len(contexts)})")
+        timed = [w for w in widths if n == 0 or w in long_widths]
+        if sum(w > 1 for w in timed) < min(2, sum(w > 1 for w in widths)):  # too few for a line
+            timed = list(widths)
         caches = target.make_cache(model)
         _, hidden = target.forward(model, mx.array([seed]), caches, ids)
         _fill(caches, length)
@@ -199,7 +207,7 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
         read_s.append(max(0.0, reads[0] - reads[1]))
         _fill(dcache, length)
         v_row, d_row = [], []
-        for w in widths:
+        for w in timed:
             tokens = mx.array([[seed[0]] * w])
 
             def verify(tokens=tokens, draft_of=None):
@@ -216,7 +224,7 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                     trim_prompt_cache(dcache, 1)
 
             ctx = hidden[:, :1]
-            if w == widths[0]:
+            if w == timed[0]:
                 verify()  # warm-up: the context's buffers are allocated here
             if w == 1:
                 v_row.append(_plain_step_s(model, caches, ids, seed[0], plain_steps))
@@ -228,32 +236,39 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                 mx.eval(draft.propose(model, block, ctx, dcache))
                 trim_prompt_cache(dcache, 1)
 
-            if len(d_row) == 1:
+            if not any(d_row):
                 draft_pass()  # warm-up
             d_row.append(_median_s(draft_pass, reps))
             # the verify pass's share of a whole round (draft and verify in one graph)
             v_row.append(max(0.0, _median_s(lambda: verify(draft_of=block), reps) - d_row[-1]))
-        verify_s.append(v_row)
-        draft_s.append(d_row)
-    # Plain steps are timed pipelined, drafted rounds as one graph each: a line through the latter.
-    verify_s = monotone([row[:1] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
-                         for row in verify_s])
-    draft_s = monotone([[0.0] + straight(widths[1:], row[1:]) if widths[0] == 1 else straight(widths, row)
-                        for row in draft_s])
+        # Plain steps are timed pipelined, drafted rounds as one graph each: a line through the latter.
+        verify_s.append(by_width(widths, timed, v_row))
+        draft_s.append(by_width(widths, timed, d_row))
+    verify_s, draft_s = monotone(verify_s), monotone(draft_s)
     read_s = list(itertools.accumulate(read_s, max))
     return Costs(list(widths), contexts, verify_s, draft_s, read_s, seconds=time.perf_counter() - tic)
 
 
-def straight(xs: Sequence[float], ys: Sequence[float]) -> List[float]:
-    """``ys`` replaced by the Theil-Sen line through ``(xs, ys)`` (the median of pairwise
-    slopes, never negative; the median intercept): a pass's cost is about linear in its width
+def by_width(widths: Sequence[int], timed: Sequence[int], row: Sequence[float]) -> List[float]:
+    """A context's ``row`` timed at ``timed`` as a value at every one of ``widths``: width 1
+    (a plain step) as timed, the drafted widths on the line through the drafted ones."""
+    drafted = [(w, y) for w, y in zip(timed, row) if w > 1]
+    line = straight([w for w, _ in drafted], [y for _, y in drafted], at=[w for w in widths if w > 1])
+    return ([row[list(timed).index(1)]] if 1 in widths else []) + line
+
+
+def straight(xs: Sequence[float], ys: Sequence[float], at: Optional[Sequence[float]] = None) -> List[float]:
+    """The Theil-Sen line through ``(xs, ys)`` (the median of pairwise slopes, never negative;
+    the median intercept) at ``at`` (default ``xs``): a pass's cost is about linear in its width
     here, and one noisy sample of single timings moves the median, not the line."""
+    at = list(xs) if at is None else list(at)
     if len(xs) < 2:
-        return list(ys)
-    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
+        return list(ys) if len(ys) == len(at) else [ys[0] if ys else 0.0] * len(at)
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i])
+              for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
     slope = max(0.0, statistics.median(slopes))
     base = statistics.median(y - slope * x for x, y in zip(xs, ys))
-    return [base + slope * x for x in xs]
+    return [base + slope * x for x in at]
 
 
 def monotone(table: List[List[float]]) -> List[List[float]]:
@@ -287,7 +302,9 @@ def machine_key() -> Dict[str, Any]:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "mlx_blockpilot": __version__,
-        "method": 4,  # drafted rounds as one graph (a straight line by width), plain steps pipelined, reads
+        # drafted rounds as one graph (a straight line by width; widths 1, 2, 4 past the shortest
+        # context), plain steps pipelined, reads
+        "method": 5,
     }
 
 

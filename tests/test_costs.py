@@ -58,6 +58,14 @@ def test_one_noisy_timing_does_not_bend_the_line():
     assert straight([4], [0.3]) == [0.3]
 
 
+def test_widths_not_timed_are_read_off_the_line():
+    from mlx_blockpilot.costs import by_width
+
+    # a plain step as timed; drafted widths 2 and 4 timed, 3 and 8 on their line
+    assert by_width([1, 2, 3, 4, 8], [1, 2, 4], [1.0, 1.2, 1.4]) == pytest.approx([1.0, 1.2, 1.3, 1.4, 1.8])
+    assert by_width([2, 3], [2, 3], [0.5, 0.7]) == pytest.approx([0.5, 0.7])  # no plain width: the line alone
+
+
 def widths_of(model, draft, tok, prompt, costs, max_tokens=40):
     steps = list(generate_step(model, draft, prompt, GenerationOptions(max_tokens=max_tokens, block_size=2, refine=True),
                                eos=tok.eos_token_ids, costs=costs))
@@ -275,6 +283,8 @@ def test_measure_and_cache(qwen3, tmp_path):
 
     c = measure(qwen3.model, qwen3.draft, widths=(1, 2, 4), contexts=(16, 64), reps=1)
     assert c.widths == [1, 2, 4] and c.contexts == [16, 64]
+    fewer = measure(qwen3.model, qwen3.draft, widths=(1, 2, 3, 4), contexts=(16, 64), reps=1, long_widths=(1, 2, 4))
+    assert all(len(row) == 4 for row in fewer.verify_s + fewer.draft_s) and fewer.draft_s[1][0] == 0.0
     assert all(v > 0 for row in c.verify_s for v in row) and all(row[0] == 0 for row in c.draft_s)
     assert len(c.read_s) == 2 and all(r >= 0 for r in c.read_s) and c.catch_up_s(64) >= 0
     assert c.round_s(2, 16) > c.round_s(1, 16)
