@@ -5,7 +5,9 @@
 The long prompt (held-out chat prompts quoted to about N tokens, as ``bench --context-lengths``
 builds it) is prefilled once per length: every run starts from the same target cache holding
 all but the prompt's last token, and our runs from a drafter that has read none of it (as on a
-first turn), so repeats cost decoding only, not minutes of prefill. Prints decode tokens/s after
+first turn), so repeats cost decoding only, not minutes of prefill. Our default runs as the API
+runs a session (costs learned from its rounds, acceptance carried from one generation to the
+next, over the repeats and lengths in turn). Prints decode tokens/s after
 the first token (medians), the ratios to mlx-lm, whether our tokens equal mlx-lm's, and the
 widths our default chose.
 """
@@ -19,8 +21,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step as mlx_lm_step
 from mlx_lm.models.cache import trim_prompt_cache
 
+from mlx_blockpilot.api import costs_for
 from mlx_blockpilot.bundle import load
-from mlx_blockpilot.costs import calibrate
 from mlx_blockpilot.decode import generate_step, make_cache
 from mlx_blockpilot.demo import ensure_bundle
 from mlx_blockpilot.options import GenerationOptions
@@ -37,7 +39,7 @@ def main():
     args = parser.parse_args()
     bundle = load(ensure_bundle())
     model, draft, n = bundle.model, bundle.draft, args.max_tokens
-    costs = calibrate(bundle)
+    costs = costs_for(bundle, refine=True)  # as the API runs a session: learned costs and acceptance
     texts = load_prompts(args.prompts)
     results = []
     for length in (int(x) for x in args.context_lengths.split(",")):
@@ -68,7 +70,7 @@ def main():
             reset()
             opts = GenerationOptions(max_tokens=n, block_size=block_size, refine=refine)
             steps = generate_step(model, draft, prompt, opts, policy=bundle.policy, prompt_cache=cache,
-                                  costs=costs if refine else None)
+                                  costs=costs if refine else None, acceptance=bundle.acceptance if refine else None)
             tokens = list(next(steps).tokens)
             tic = time.perf_counter()
             widths = []
