@@ -30,7 +30,7 @@ from .errors import BlockPilotError
 CALIBRATION_FILE = "calibration.json"
 WIDTHS = (1, 2, 3, 4, 8)
 CONTEXTS = (256, 2048, 8192)
-LONG_WIDTHS = (1, 2, 4)  # timed at contexts past the shortest (their passes take most of the time)
+LONG_WIDTHS = (2, 4)  # drafted widths timed past the shortest context (their passes take most of the time)
 
 
 @dataclass
@@ -175,8 +175,9 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
     graph (its draft pass also alone, the rest is the verify pass's), a plain step (width 1)
     pipelined over ``plain_steps`` steps, and the drafter reading a whole context's features.
     Drafted widths lie on a straight line per context (``straight``); past the shortest context
-    only ``long_widths`` are timed and the others read off that line (at 8k tokens a round takes
-    2-6 plain steps of the short context: timing every width there took half the time)."""
+    only the plain step and the drafted ``long_widths`` are timed, the others read off that line
+    (at 8k tokens a round takes 2-6 plain steps of the short context: timing every width there
+    took half the time)."""
     tic = time.perf_counter()
     limit = target.max_context(model)
     contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
@@ -187,8 +188,8 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
     for n, length in enumerate(contexts):
         if progress:
             progress(f"calibrating: context {length} ({n + 1}/{len(contexts)})")
-        timed = [w for w in widths if n == 0 or w in long_widths]
-        if sum(w > 1 for w in timed) < min(2, sum(w > 1 for w in widths)):  # too few for a line
+        timed = [w for w in widths if n == 0 or w == 1 or w in long_widths]  # a plain step is not on the line
+        if len([w for w in timed if w > 1]) < 2:  # too few drafted widths for a line: all of them
             timed = list(widths)
         caches = target.make_cache(model)
         _, hidden = target.forward(model, mx.array([seed]), caches, ids)
@@ -262,8 +263,8 @@ def straight(xs: Sequence[float], ys: Sequence[float], at: Optional[Sequence[flo
     the median intercept) at ``at`` (default ``xs``): a pass's cost is about linear in its width
     here, and one noisy sample of single timings moves the median, not the line."""
     at = list(xs) if at is None else list(at)
-    if len(xs) < 2:
-        return list(ys) if len(ys) == len(at) else [ys[0] if ys else 0.0] * len(at)
+    if len(xs) < 2:  # one point: flat
+        return [ys[0] if ys else 0.0] * len(at)
     slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i])
               for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
     slope = max(0.0, statistics.median(slopes))
