@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import decode
 from .bundle import Bundle
-from .costs import LearnedCosts, calibrate
+from .costs import LearnedCosts, cache_path, calibrate
 from .decode import GenerationResponse
 from .options import GenerationOptions
 from .prompts import encode_chat
@@ -27,9 +27,10 @@ def chat_prompt(bundle: Bundle, messages: List[Dict[str, str]]) -> List[int]:
 def costs_for(bundle: Bundle, refine: bool, progress: Optional[Callable[[str], None]] = None):
     """This machine's round costs when ``refine`` needs them (it picks widths by expected
     tokens per second), else None: measured once per machine and bundle, then cached, and
-    corrected by the times of the bundle's rounds from then on (``costs.LearnedCosts``)."""
+    corrected by the times of the bundle's rounds from then on (``costs.LearnedCosts``; the
+    corrections are kept in the cached calibration for later sessions)."""
     if refine and bundle.costs is None:
-        bundle.costs = LearnedCosts(calibrate(bundle, progress=progress))
+        bundle.costs = LearnedCosts(calibrate(bundle, progress=progress), path=cache_path(bundle))
         bundle.acceptance = session_acceptance()
     return bundle.costs if refine else None
 

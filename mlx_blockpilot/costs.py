@@ -6,7 +6,8 @@ acceptance into tokens per second with these costs. Measuring takes a few second
 caches are filled with placeholder (zero) keys and values to the wanted context length, since
 what attention costs does not depend on what the keys hold. The cached result is keyed by
 machine, bundle and package versions; any change measures again. ``LearnedCosts`` corrects
-the calibration by what real decoding rounds take (in memory, over a session).
+the calibration by what real decoding rounds take, and keeps its corrections in the cached
+file, so a calibration taken while the machine was busy is set right for later sessions too.
 """
 
 import hashlib
@@ -15,9 +16,11 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
+import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
@@ -44,6 +47,8 @@ class Costs:
     read_s: List[float] = field(default_factory=list)  # the drafter reading a context's features at once
     key: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # how long measuring took
+    # measured / calibrated round cost by width, learned from decoding rounds (``LearnedCosts``)
+    corrections: Dict[int, float] = field(default_factory=dict)
 
     def _at(self, table: List[List[float]], width: int, context: int) -> float:
         return _interpolate(self.contexts, [_interpolate(self.widths, row, width) for row in table], context)
@@ -65,7 +70,13 @@ class Costs:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Costs":
-        return cls(**{k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "key", "seconds") if k in d})
+        fields = {k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "key", "seconds") if k in d}
+        corrections = {int(w): float(r) for w, r in d.get("corrections", {}).items()}  # JSON keys are strings
+        return cls(**fields, corrections=corrections)
+
+    def measured(self) -> "Costs":
+        """These costs as calibration measured them (without corrections)."""
+        return replace(self, corrections={})
 
 
 class LearnedCosts:
@@ -77,18 +88,57 @@ class LearnedCosts:
     median of the last ``window`` measured / calibrated ratios of rounds at width ``w``,
     interpolated between timed widths (flat past them; 1 before any round is timed). Kept on
     the bundle, it learns over a session's generations.
+
+    It starts from the ``corrections`` the calibration holds (each worth ``prior`` rounds, so a
+    few new rounds do not undo them). With ``path`` (the calibration's file), a width's ratio is
+    written back as its correction once ``keep_after`` rounds of this session timed it and it
+    moved more than ``tolerance`` from the kept one: the next session starts from it.
     """
 
-    def __init__(self, costs: Costs, window: int = 25):
-        self.costs, self.window = costs, window
-        self.samples: Dict[int, Deque[float]] = {}
-        self.ratios: Dict[int, float] = {}  # width -> median of its samples
+    def __init__(self, costs: Costs, window: int = 25, path=None, keep_after: int = 8,
+                 tolerance: float = 0.05, prior: int = 5):
+        self.costs, self.window, self.path = costs, window, Path(path) if path else None
+        self.keep_after, self.tolerance = keep_after, tolerance
+        self.samples: Dict[int, Deque[float]] = {w: deque([r] * prior, maxlen=window)
+                                                 for w, r in costs.corrections.items()}
+        self.ratios: Dict[int, float] = dict(costs.corrections)  # width -> median of its samples
+        self.fresh: Dict[int, int] = {}  # width -> rounds timed here
 
     def observe(self, width: int, context: int, seconds: float) -> None:
         """A round of ``width`` with ``context`` tokens cached took ``seconds``."""
         samples = self.samples.setdefault(width, deque(maxlen=self.window))
         samples.append(seconds / self.costs.round_s(width, context))
         self.ratios[width] = statistics.median(samples)
+        self.fresh[width] = self.fresh.get(width, 0) + 1
+        if self.path is not None and self.learned() != self.costs.corrections:
+            self.keep()
+
+    def learned(self) -> Dict[int, float]:
+        """The corrections worth keeping: the ratios of widths timed ``keep_after`` times here
+        that moved more than ``tolerance`` from the kept ones, the kept ones otherwise."""
+        kept = dict(self.costs.corrections)
+        for w, r in self.ratios.items():
+            if r > 0 and self.fresh.get(w, 0) >= self.keep_after and abs(r / kept.get(w, 1.0) - 1) > self.tolerance:
+                kept[w] = r
+        return kept
+
+    def keep(self) -> None:
+        """Write ``learned()`` into the calibration file, unless it now holds another
+        calibration (measured again meanwhile); a file that cannot be written is warned about
+        once and the corrections last this session only."""
+        try:
+            on_disk = Costs.from_dict(json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            on_disk = None
+        if on_disk is None or on_disk.measured() != self.costs.measured():
+            self.path = None
+            return
+        self.costs = replace(self.costs, corrections=self.learned())
+        try:
+            write_costs(self.costs, self.path)
+        except BlockPilotError as e:
+            warnings.warn(f"{e}; the learned round costs last this session only", stacklevel=2)
+            self.path = None
 
     def ratio(self, width: int) -> float:
         if not self.ratios:
@@ -366,12 +416,22 @@ def calibrate(bundle, path=None, force: bool = False, progress: Optional[Callabl
         return costs
     costs = measure(bundle.model, bundle.draft, progress=progress)
     costs.key = dict(machine_key(), bundle=bundle_key(bundle))
-    path = Path(path) if path else cache_path(bundle)
+    write_costs(costs, Path(path) if path else cache_path(bundle))
+    return costs
+
+
+def write_costs(costs: Costs, path: Path) -> None:
+    """Save ``costs`` to ``path`` whole or not at all (a temporary file renamed over it)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(costs.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(costs.to_dict(), indent=1) + "\n")
+            os.chmod(tmp, 0o644)  # as a plain write would leave it, not mkstemp's owner-only
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError as e:
         raise BlockPilotError(f"cannot save the calibration to {path} ({e.strerror or e})") from None
-    return costs

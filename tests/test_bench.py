@@ -1,12 +1,14 @@
 """The benchmark tool runs end to end on tiny fixtures and writes its outputs (no timing asserts)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from mlx_blockpilot.bench.drafters import true_continuation
 from mlx_blockpilot.bench.runner import profile_rounds
 from mlx_blockpilot.cli.bench import main as bench_main
+from mlx_blockpilot.costs import read_costs, write_costs
 
 PROMPTS = ["the quick brown fox", "what is the capital of france?"]
 
@@ -173,13 +175,20 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
     assert "relative to plain" in (out / "results.md").read_text()
     assert all(c["learned_over_measured"] > 0 for c in check.values())  # the controller's costs after the run
     assert "after the run's timed rounds" in (out / "results.md").read_text()
-    # --rows: a subset of the rows (mlx-lm always), and a clear error for a row this run does not have
-    assert bench_main(argv + ["--rows", "ours B=3,ours control", "--out", str(tmp_path / "some")]) == 0
+    # --rows: a subset of the rows (mlx-lm always), and a clear error for a row this run does not have;
+    # the cached calibration, with the corrections earlier sessions kept in it
+    cached = next((tmp_path / "cache" / "calibration").glob("*.json"))
+    write_costs(replace(read_costs(cached), corrections={1: 1.5, 3: 1.5}), cached)
+    assert bench_main(argv + ["--rows", "ours B=1,ours B=3,ours control", "--out", str(tmp_path / "some")]) == 0
     some = json.loads((tmp_path / "some" / "results.json").read_text())
-    assert {r["config"] for r in some["table"]} == {"mlx-lm", "ours B=3", "ours control", "oracle"}
+    assert {r["config"] for r in some["table"]} == {"mlx-lm", "ours B=1", "ours B=3", "ours control", "oracle"}
     assert "calibrating" not in capsys.readouterr().err  # the cached calibration
-    assert bench_main(argv + ["--rows", "ours control", "--recalibrate", "--out", str(tmp_path / "fresh")]) == 0
+    for c in some["calibration"].values():  # what the controller started from: the calibration x 1.5
+        assert c["corrected_over_measured"] == pytest.approx(1.5 * c["median_predicted_over_measured"])
+    assert bench_main(argv + ["--rows", "ours B=3,ours control", "--recalibrate", "--out", str(tmp_path / "fresh")]) == 0
     assert "calibrating" in capsys.readouterr().err
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    assert fresh["calibration"]["3"]["corrected_over_measured"] is None  # measured again: nothing kept yet
     assert bench_main(argv + ["--rows", "ours B=1,ours auto", "--out", str(tmp_path / "none")]) == 2  # no policy
     assert "--rows ours auto: not a row of this benchmark; its rows are mlx-lm, ours B=1" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()

@@ -1,6 +1,7 @@
 """Calibrated round costs and the per-round controller that turns them into widths."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from test_decode import make_prompt, no_eos, reference
@@ -8,7 +9,7 @@ from test_sampling import RUNS, STEPS, assert_same_distribution, exact_distribut
 from test_sampling import small_vocab  # noqa: F401
 
 from mlx_blockpilot.bench.drafters import ScriptedDraft
-from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, load_costs, measure, read_costs
+from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, load_costs, measure, read_costs, write_costs
 from mlx_blockpilot.decode import generate, generate_step
 from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.schedule import CostAware, session_acceptance
@@ -146,6 +147,55 @@ def test_learned_costs_follow_timed_rounds():
         learned.observe(4, 100, 1.4)
     assert learned.round_s(4, 100) == pytest.approx(1.4)
     assert learned.catch_up_s(100) == c.catch_up_s(100)
+
+
+def test_learned_costs_are_kept_for_the_next_session(tmp_path):
+    path = tmp_path / "calibration.json"
+    c = costs()  # a calibration taken while the machine was busy: width 4 really costs twice as much
+    write_costs(c, path)
+    learned = LearnedCosts(c, path=path)
+    for _ in range(7):
+        learned.observe(4, 100, 2 * c.round_s(4, 100))
+    assert read_costs(path) == c  # too few rounds to keep
+    learned.observe(4, 100, 2 * c.round_s(4, 100))
+    assert read_costs(path).corrections == {4: pytest.approx(2.0)} and read_costs(path).measured() == c
+    for _ in range(10):  # width 2 within 5% of its calibration: nothing to correct
+        learned.observe(2, 100, 1.03 * c.round_s(2, 100))
+    assert set(read_costs(path).corrections) == {4}
+    assert not list(tmp_path.glob("*.tmp"))  # written whole: no temporary file left
+
+    later = LearnedCosts(read_costs(path), path=path)  # the next session starts from it
+    assert later.round_s(4, 100) == pytest.approx(2 * c.round_s(4, 100)) and 4 in later.samples
+    for _ in range(2):  # a couple of rounds caught at a quiet moment do not undo it
+        later.observe(4, 100, c.round_s(4, 100))
+    assert later.round_s(4, 100) == pytest.approx(2 * c.round_s(4, 100))
+    for _ in range(8):  # the machine is faster now: the correction follows, in the file too
+        later.observe(4, 100, c.round_s(4, 100))
+    assert later.ratio(4) == pytest.approx(1.0) and read_costs(path).corrections == {4: pytest.approx(1.0)}
+
+    # Measured again meanwhile (calibrate --force in another process): that calibration stays.
+    fresh = costs(draft_s=0.2)
+    write_costs(fresh, path)
+    for _ in range(8):
+        later.observe(4, 100, 3 * c.round_s(4, 100))
+    assert read_costs(path) == fresh and later.path is None and later.ratio(4) > 1.0  # still learned, in memory
+
+
+def test_learned_costs_that_cannot_be_kept_last_the_session(tmp_path, monkeypatch):
+    path = tmp_path / "calibration.json"
+    write_costs(costs(), path)
+    before = path.read_text()
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("mlx_blockpilot.costs.os.replace", refuse)
+    learned = LearnedCosts(costs(), path=path)
+    with pytest.warns(UserWarning, match="cannot save the calibration to .*calibration.json .*this session only"):
+        for _ in range(8):
+            learned.observe(2, 100, 3.0)
+    assert path.read_text() == before and not list(tmp_path.glob(".*tmp"))  # untouched, nothing half-written
+    assert learned.path is None and learned.ratio(2) == pytest.approx(2.5)  # still learned, in memory
 
 
 def test_controller_moves_off_a_width_that_times_slower_than_calibrated():
@@ -297,3 +347,28 @@ def test_measure_and_cache(qwen3, tmp_path):
     data["key"]["mlx"] = "0.0.0"  # measured with other software: stale
     (tmp_path / "calibration.json").write_text(json.dumps(data))
     assert load_costs(bundle) is None
+    from mlx_blockpilot.api import costs_for
+
+    kept = calibrate(bundle, force=True)
+    write_costs(replace(kept, corrections={2: 1.3}), tmp_path / "calibration.json")
+    learned = costs_for(bundle, refine=True)  # a session keeps what it learns in the bundle's calibration
+    assert learned.path == tmp_path / "calibration.json" and learned.ratio(2) == pytest.approx(1.3)
+
+
+def test_calibrate_command(qwen3, tmp_path, monkeypatch, capsys):
+    from mlx_blockpilot.cli.calibrate import main as calibrate_main
+
+    monkeypatch.setenv("MLX_BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    argv = ["--target", str(qwen3.target_dir), "--draft", str(qwen3.draft_dir)]
+    assert calibrate_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "| context | B=1 | B=2 | B=3 | B=4 | B=8 |" in out and "calibrating" in err and "measured now" in err
+    [path] = (tmp_path / "cache" / "calibration").glob("*.json")
+    write_costs(replace(read_costs(path), corrections={1: 0.9, 4: 1.25}), path)
+    assert calibrate_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "B=1 x0.90, B=4 x1.25" in out and "cached; --force measures again" in err
+    assert calibrate_main(argv + ["--force", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["corrections"] == {} and read_costs(path).corrections == {}  # measured again: forgotten
+    assert "measured now" in err

@@ -183,14 +183,15 @@ def run_benchmark(
     progress: bool = True,
     categories: Optional[Sequence[str]] = None,
     costs=None,
+    costs_path=None,
     rows: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Run every configuration on every prompt, interleaved; return all numbers (see ``summarize``).
 
     ``categories`` names each prompt's kind (chat, code, a context length, ...) for the
     per-category table; with calibrated ``costs`` the per-round controller gets its rows
-    (``control``: from block size 2; ``auto+control``: from the policy's pick). ``rows``
-    keeps only the configurations of those names (mlx-lm, the reference, always runs)."""
+    (``control``: from block size 2; ``auto+control``: from the policy's pick), which keep
+    what they learn of the costs in ``costs_path`` (the calibration's file). ``rows`` keeps only the configurations of those names (mlx-lm, the reference, always runs)."""
     from tqdm import tqdm
 
     model, draft, tok = bundle.model, bundle.draft, bundle.tokenizer
@@ -217,7 +218,9 @@ def run_benchmark(
         configs = [(name, b) for name, b in configs if name == "mlx-lm" or name in rows]
 
     # The controller's rows learn over the run as over a session: round times, acceptance.
-    learned, acceptance = (LearnedCosts(costs), session_acceptance()) if costs is not None else (None, None)
+    # Their corrections of the costs are kept in ``costs_path`` (the cached calibration) as a session's are.
+    learned, acceptance = ((LearnedCosts(costs, path=costs_path), session_acceptance()) if costs is not None
+                           else (None, None))
 
     def one(name, b, prompt, reference, opts):
         if name == "mlx-lm":
@@ -299,12 +302,15 @@ def run_benchmark(
 def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned=None) -> Dict[str, Any]:
     """Calibrated round cost against the measured one of every fixed-size run (the round's
     mean over the run: decode seconds / rounds), by block size: median predicted/measured
-    (``learned_over_measured``: the same for ``learned``, the controller's costs after the run).
+    (``corrected_over_measured``: the same for the calibration with the corrections it held
+    at the start, what the controller began from; ``learned_over_measured``: for ``learned``,
+    the controller's costs after the run).
 
     ``relative_to_plain`` compares the ratios to plain decoding (B=1) on the same prompt and
     repeat instead: what steers the controller, and free of the machine's drift between the
     calibration and the run (the absolute ratio is not)."""
-    out, measured_by, learned_by = {}, {}, {}
+    out, measured_by, learned_by, corrected_by = {}, {}, {}, {}
+    corrected = LearnedCosts(costs) if costs.corrections else None
     for r in runs:
         if not (r.config.startswith("ours B=") and r.rounds and r.decode_tokens_per_s):
             continue
@@ -315,6 +321,8 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned
         out.setdefault(r.block_size, []).append(predicted / measured)
         if learned is not None:
             learned_by.setdefault(r.block_size, []).append(learned.round_s(r.block_size, context) / measured)
+        if corrected is not None:
+            corrected_by.setdefault(r.block_size, []).append(corrected.round_s(r.block_size, context) / measured)
     relative = {}
     for (b, prompt, repeat), (predicted, measured) in measured_by.items():
         plain = measured_by.get((1, prompt, repeat))
@@ -322,5 +330,6 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned
             relative.setdefault(b, []).append((predicted / plain[0]) / (measured / plain[1]))
     return {str(b): {"median_predicted_over_measured": median_of(v), "runs": len(v), "min": min(v), "max": max(v),
                      "relative_to_plain": median_of(relative[b]) if b in relative else None,
+                     "corrected_over_measured": median_of(corrected_by[b]) if b in corrected_by else None,
                      "learned_over_measured": median_of(learned_by[b]) if b in learned_by else None}
             for b, v in sorted(out.items())}

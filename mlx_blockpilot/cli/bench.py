@@ -7,7 +7,7 @@ from ..bench.official import load_official
 from ..bench.report import machine, markdown, write_outputs
 from ..bench.runner import run_benchmark
 from ..errors import BlockPilotError
-from ..costs import calibrate
+from ..costs import cache_path, calibrate
 from ..prompts import encode_prompt, load_prompts, long_prompt
 from .common import (
     add_limit_arg,
@@ -109,7 +109,8 @@ def _bench_into(args, argv, sources, texts) -> int:
         bundle, prompts, block_sizes=args.block_sizes, dflash_block_sizes=dsizes, official=official,
         max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         repeats=args.repeats, engine=not args.no_engine, profile=args.profile, profile_prompts=args.profile_prompts,
-        categories=categories if len(set(categories)) > 1 else None, costs=costs, rows=args.rows,
+        categories=categories if len(set(categories)) > 1 else None, costs=costs,
+        costs_path=cache_path(bundle) if costs is not None else None, rows=args.rows,
     )
     results["command"] = "python -m mlx_blockpilot.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results["machine"] = machine()

@@ -34,6 +34,10 @@ def _calibrate(args) -> int:
         print("round cost in ms (verify + draft) by context length and block size B (B=1: plain decoding),\n"
               "and what the drafter's first read of that many unseen features adds to a round")
         print(table(costs))
+        if costs.corrections:
+            print("decoding has timed real rounds at " + ", ".join(
+                f"B={w} x{r:.2f}" for w, r in sorted(costs.corrections.items()))
+                  + " of these costs; the controller starts from that (--force measures again and forgets it)")
     how = "measured now" if measured else "cached; --force measures again"
     print(f"calibration: {cache_path(bundle)} ({how}; measuring took {costs.seconds:.1f} s)", file=sys.stderr)
     return 0
