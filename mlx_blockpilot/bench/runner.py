@@ -191,7 +191,8 @@ def run_benchmark(
     ``categories`` names each prompt's kind (chat, code, a context length, ...) for the
     per-category table; with calibrated ``costs`` the per-round controller gets its rows
     (``control``: from block size 2; ``auto+control``: from the policy's pick), which keep
-    what they learn of the costs in ``costs_path`` (the calibration's file). ``rows`` keeps only the configurations of those names (mlx-lm, the reference, always runs)."""
+    what they learn of the costs in ``costs_path`` (the calibration's file). ``rows`` keeps
+    only the configurations of those names (mlx-lm, the reference, always runs)."""
     from tqdm import tqdm
 
     model, draft, tok = bundle.model, bundle.draft, bundle.tokenizer
