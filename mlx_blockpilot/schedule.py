@@ -11,6 +11,7 @@ same output (each round is verified on its own), so schedules change speed only.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -99,6 +100,19 @@ def session_acceptance() -> Acceptance:
     return Acceptance(memory=0.995)
 
 
+@dataclass
+class PlainStretch:
+    """Consecutive plain rounds being timed (``CostAware.observe``)."""
+
+    context: int  # tokens cached at its start
+    seconds: float = 0.0  # its rounds' times
+    rounds: int = 0
+    window_context: int = 0  # the current window's (a window: rounds after the stretch's first)
+    window_s: float = 0.0
+    window: int = 0
+    sampled: bool = False  # a full window was observed
+
+
 class CostAware(Fixed):
     """Each round's width maximises expected committed tokens per second of round.
 
@@ -141,8 +155,8 @@ class CostAware(Fixed):
                 weight = min(c, session_rounds)
                 hits[k], seen[k] = hits[k] + weight * h / c, seen[k] + weight
         self.estimate, self.session = Acceptance(memory, hits, seen), acceptance
-        self.last = None  # the last round: its width, context, whether a drafted round came before it
-        self.run = [0.0, 0, 0]  # the plain rounds since the last drafted one: seconds, rounds, first context
+        self.last = None  # the last round: its width, context, the width of the round before it
+        self.stretch: Optional[PlainStretch] = None  # the plain rounds since the last drafted one
         self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
         self.unread, self.remaining, self.horizon = unread, remaining, horizon
         if width > 1 and not self.pays(width):
@@ -196,31 +210,43 @@ class CostAware(Fixed):
         extra = self.costs.round_s(width, self.context) / self.costs.round_s(1, self.context) - 1
         return max(self.probe_every, math.ceil(extra / self.probe_budget))
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, window: int = 16) -> None:
         """With ``LearnedCosts``, the last round's time corrects what rounds of its width cost.
 
-        Plain rounds are timed as a run (a drafted round ends it, or 16 plain rounds): one
-        built ahead on another is waited for with it, so single ones are not their cost.
+        A plain round is built on the previous one's lazy token before that one is waited for
+        (``decode.generate_step``), so the time between two syncs holds the work of the round
+        in flight, not of the one synced: here the first plain round after a drafted one waits
+        for two rounds, the last one for little. Nothing is in flight where a stretch of plain
+        rounds begins and ends, one round at every sync inside it, so a stretch is timed as a
+        whole (when a drafted round ends it) or, when long, in windows of ``window`` rounds
+        between two syncs inside it (its rest, which ends short, is then dropped).
         A drafted round is timed after another drafted one only: after plain rounds its
         drafter first reads their features (``costs.catch_up_s`` prices that)."""
         if self.last is None or not isinstance(self.costs, LearnedCosts):
             return
-        width, context, after_drafted = self.last
+        width, context, before = self.last
+        stretch = self.stretch
         if width == 1:
-            if not self.run[1]:
-                self.run[2] = context
-            self.run[:2] = self.run[0] + seconds, self.run[1] + 1
-            if self.run[1] < 16:
-                return
-        total, rounds, start = self.run
-        if rounds:
-            self.costs.observe(1, start, total / rounds)
-            self.run = [0.0, 0, 0]
-        if width > 1 and after_drafted:
+            if stretch is None:
+                stretch = self.stretch = PlainStretch(context)
+            elif not stretch.window:
+                stretch.window_context = context
+            if stretch.rounds:  # not the stretch's first round: a window round
+                stretch.window_s, stretch.window = stretch.window_s + seconds, stretch.window + 1
+            stretch.seconds, stretch.rounds = stretch.seconds + seconds, stretch.rounds + 1
+            if stretch.window == window:
+                self.costs.observe(1, stretch.window_context, stretch.window_s / window)
+                stretch.window_s, stretch.window, stretch.sampled = 0.0, 0, True
+            return
+        if stretch is not None:
+            if not stretch.sampled:
+                self.costs.observe(1, stretch.context, stretch.seconds / stretch.rounds)
+            self.stretch = None
+        if before is not None and before > 1:
             self.costs.observe(width, context, seconds)
 
     def update(self, committed: int, width: int, context: int = 0) -> None:
-        self.last = (width, self.context, self.last is not None and self.last[0] > 1)
+        self.last = (width, self.context, self.last[0] if self.last is not None else None)
         self.context = context or self.context
         if self.remaining is not None:
             self.remaining -= committed

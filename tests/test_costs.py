@@ -228,10 +228,31 @@ def test_plain_rounds_are_timed_as_a_run():
     s.update(3, 4)
     s.observe(1.4)  # one after a drafted round: what width 4 costs
     assert learned.round_s(4, 100) == pytest.approx(1.4)
-    first = CostAware(4, learned, 8, context=100, unread=50)  # a generation's first round reads the prompt
-    first.update(3, 4)
-    first.observe(30.0)
-    assert learned.round_s(4, 100) == pytest.approx(1.4)  # not taken as what width 4 costs
+
+
+def test_plain_rounds_built_ahead_are_timed_by_the_work_between_syncs():
+    """As decoding times them: the first plain round after a drafted one waits for the next
+    one too, the last (nothing built after it) waits for little; 1 s of work per round."""
+    learned = LearnedCosts(costs())
+    s = CostAware(2, learned, 8, context=100, trust=0.0)
+
+    def stretch(plain):
+        s.update(2, 2)
+        s.observe(1.2)
+        for k in range(plain):
+            s.update(1, 1)
+            s.observe(1.9 if k == 0 else 0.1 if k == plain - 1 else 1.0)
+
+    for _ in range(3):  # short stretches, each timed whole
+        stretch(3)
+    s.update(2, 2)
+    s.observe(1.2)
+    assert learned.ratio(1) == pytest.approx(1.0)  # 3 s of rounds over 3 rounds each time
+    for _ in range(3):  # long ones: windows inside them, the short-timed ends dropped
+        stretch(20)
+    s.update(2, 2)
+    s.observe(1.2)
+    assert list(learned.samples[1]) == pytest.approx([1.0] * 6)  # (3 short stretches and 3 windows)
 
 
 def test_a_generation_starts_from_the_sessions_acceptance():
