@@ -178,13 +178,15 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
     # --rows: a subset of the rows (mlx-lm always), and a clear error for a row this run does not have;
     # the cached calibration, with the corrections earlier sessions kept in it
     cached = next((tmp_path / "cache" / "calibration").glob("*.json"))
-    write_costs(replace(read_costs(cached), corrections={1: 1.5, 3: 1.5}), cached)
+    write_costs(replace(read_costs(cached), corrections={1: 1.5, 3: 3.0}), cached)
     assert bench_main(argv + ["--rows", "ours B=1,ours B=3,ours control", "--out", str(tmp_path / "some")]) == 0
     some = json.loads((tmp_path / "some" / "results.json").read_text())
     assert {r["config"] for r in some["table"]} == {"mlx-lm", "ours B=1", "ours B=3", "ours control", "oracle"}
     assert "calibrating" not in capsys.readouterr().err  # the cached calibration
-    for c in some["calibration"].values():  # what the controller started from: the calibration x 1.5
-        assert c["corrected_over_measured"] == pytest.approx(1.5 * c["median_predicted_over_measured"])
+    check = some["calibration"]  # what the controller started from: the calibration x 1.5 at B=1, x 3 at B=3
+    for b, factor in (("1", 1.5), ("3", 3.0)):
+        assert check[b]["corrected_over_measured"] == pytest.approx(factor * check[b]["median_predicted_over_measured"])
+    assert check["3"]["corrected_relative_to_plain"] == pytest.approx(2 * check["3"]["relative_to_plain"])
     assert bench_main(argv + ["--rows", "ours B=3,ours control", "--recalibrate", "--out", str(tmp_path / "fresh")]) == 0
     assert "calibrating" in capsys.readouterr().err
     fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())

@@ -149,11 +149,12 @@ def markdown(results: Dict[str, Any]) -> str:
         lines += ["", "Calibrated round cost against the measured one (fixed-size runs; 1.00 = exact; relative to "
                   "plain: both as ratios to B=1 on the same prompt, free of the machine's drift):", "",
                   "| B | median predicted / measured | range | relative to plain | with the kept corrections "
-                  "| after the run's timed rounds | runs |",
-                  "|---:|---:|---|---:|---:|---:|---:|"]
+                  "| with them, relative to plain | after the run's timed rounds | runs |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
         for b, c in results["calibration"].items():
             lines.append(f"| {b} | {c['median_predicted_over_measured']:.2f} | {c['min']:.2f}-{c['max']:.2f} | "
                          f"{_fmt(c.get('relative_to_plain'), '.2f')} | {_fmt(c.get('corrected_over_measured'), '.2f')} | "
+                         f"{_fmt(c.get('corrected_relative_to_plain'), '.2f')} | "
                          f"{_fmt(c.get('learned_over_measured'), '.2f')} | "
                          f"{c['runs']} |")
     if results.get("costs"):

@@ -305,7 +305,8 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned
     mean over the run: decode seconds / rounds), by block size: median predicted/measured
     (``corrected_over_measured``: the same for the calibration with the corrections it held
     at the start, what the controller began from; ``learned_over_measured``: for ``learned``,
-    the controller's costs after the run).
+    the controller's costs after the run). ``corrected_relative_to_plain``: as below, with
+    the corrections.
 
     ``relative_to_plain`` compares the ratios to plain decoding (B=1) on the same prompt and
     repeat instead: what steers the controller, and free of the machine's drift between the
@@ -318,19 +319,24 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned
         measured = (r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds
         context = prompt_lengths[r.prompt] + r.generation_tokens // 2
         predicted = costs.round_s(r.block_size, context)
-        measured_by[(r.block_size, r.prompt, r.repeat)] = (predicted, measured)
+        measured_by[(r.block_size, r.prompt, r.repeat)] = (
+            predicted, measured, corrected.round_s(r.block_size, context) if corrected is not None else None)
         out.setdefault(r.block_size, []).append(predicted / measured)
         if learned is not None:
             learned_by.setdefault(r.block_size, []).append(learned.round_s(r.block_size, context) / measured)
         if corrected is not None:
             corrected_by.setdefault(r.block_size, []).append(corrected.round_s(r.block_size, context) / measured)
-    relative = {}
-    for (b, prompt, repeat), (predicted, measured) in measured_by.items():
+    relative, corrected_relative = {}, {}
+    for (b, prompt, repeat), (predicted, measured, with_corrections) in measured_by.items():
         plain = measured_by.get((1, prompt, repeat))
         if b > 1 and plain:
             relative.setdefault(b, []).append((predicted / plain[0]) / (measured / plain[1]))
+            if with_corrections is not None:
+                corrected_relative.setdefault(b, []).append((with_corrections / plain[2]) / (measured / plain[1]))
     return {str(b): {"median_predicted_over_measured": median_of(v), "runs": len(v), "min": min(v), "max": max(v),
                      "relative_to_plain": median_of(relative[b]) if b in relative else None,
                      "corrected_over_measured": median_of(corrected_by[b]) if b in corrected_by else None,
+                     "corrected_relative_to_plain": (median_of(corrected_relative[b]) if b in corrected_relative
+                                                     else None),
                      "learned_over_measured": median_of(learned_by[b]) if b in learned_by else None}
             for b, v in sorted(out.items())}
