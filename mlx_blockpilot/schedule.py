@@ -144,7 +144,8 @@ class CostAware(Fixed):
     def __init__(self, width: int, costs, max_width: int, context: int, unread: int = 0,
                  remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
                  memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
-                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = 0.1):
+                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = 0.1,
+                 plain_window: int = 16):
         super().__init__(width)
         self.home, self.trust = width, trust
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
@@ -157,6 +158,7 @@ class CostAware(Fixed):
         self.estimate, self.session = Acceptance(memory, hits, seen), acceptance
         self.last = None  # the last round: its width, context, the width of the round before it
         self.stretch: Optional[PlainStretch] = None  # the plain rounds since the last drafted one
+        self.plain_window = plain_window
         self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
         self.unread, self.remaining, self.horizon = unread, remaining, horizon
         if width > 1 and not self.pays(width):
@@ -210,7 +212,7 @@ class CostAware(Fixed):
         extra = self.costs.round_s(width, self.context) / self.costs.round_s(1, self.context) - 1
         return max(self.probe_every, math.ceil(extra / self.probe_budget))
 
-    def observe(self, seconds: float, window: int = 16) -> None:
+    def observe(self, seconds: float) -> None:
         """With ``LearnedCosts``, the last round's time corrects what rounds of its width cost.
 
         A plain round is built on the previous one's lazy token before that one is waited for
@@ -218,7 +220,7 @@ class CostAware(Fixed):
         in flight, not of the one synced: here the first plain round after a drafted one waits
         for two rounds, the last one for little. Nothing is in flight where a stretch of plain
         rounds begins and ends, one round at every sync inside it, so a stretch is timed as a
-        whole (when a drafted round ends it) or, when long, in windows of ``window`` rounds
+        whole (when a drafted round ends it) or, when long, in windows of ``plain_window`` rounds
         between two syncs inside it (its rest, which ends short, is then dropped).
         A drafted round is timed after another drafted one only: after plain rounds its
         drafter first reads their features (``costs.catch_up_s`` prices that)."""
@@ -234,8 +236,8 @@ class CostAware(Fixed):
             if stretch.rounds:  # not the stretch's first round: a window round
                 stretch.window_s, stretch.window = stretch.window_s + seconds, stretch.window + 1
             stretch.seconds, stretch.rounds = stretch.seconds + seconds, stretch.rounds + 1
-            if stretch.window == window:
-                self.costs.observe(1, stretch.window_context, stretch.window_s / window)
+            if stretch.window == self.plain_window:
+                self.costs.observe(1, stretch.window_context, stretch.window_s / stretch.window)
                 stretch.window_s, stretch.window, stretch.sampled = 0.0, 0, True
             return
         if stretch is not None:
