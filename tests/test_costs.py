@@ -228,6 +228,10 @@ def test_plain_rounds_are_timed_as_a_run():
     s.update(3, 4)
     s.observe(1.4)  # one after a drafted round: what width 4 costs
     assert learned.round_s(4, 100) == pytest.approx(1.4)
+    first = CostAware(4, learned, 8, context=100, unread=50)  # a generation's first round reads the prompt
+    first.update(3, 4)
+    first.observe(30.0)
+    assert learned.round_s(4, 100) == pytest.approx(1.4)  # not taken as what width 4 costs
 
 
 def test_plain_rounds_built_ahead_are_timed_by_the_work_between_syncs():
