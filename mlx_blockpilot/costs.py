@@ -110,17 +110,19 @@ class LearnedCosts:
         samples.append(seconds / self.costs.round_s(width, context))
         self.ratios[width] = statistics.median(samples)
         self.fresh[width] = self.fresh.get(width, 0) + 1
-        if self.path is not None and self.learned() != self.costs.corrections:
+        if self.path is not None and self.worth_keeping(width):  # (only this width's ratio moved)
             self.keep()
 
+    def worth_keeping(self, width: int) -> bool:
+        """``width`` was timed ``keep_after`` times here and moved more than ``tolerance``
+        from its kept correction."""
+        r = self.ratios.get(width, 0.0)
+        return (r > 0 and self.fresh.get(width, 0) >= self.keep_after
+                and abs(r / self.costs.corrections.get(width, 1.0) - 1) > self.tolerance)
+
     def learned(self) -> Dict[int, float]:
-        """The corrections worth keeping: the ratios of widths timed ``keep_after`` times here
-        that moved more than ``tolerance`` from the kept ones, the kept ones otherwise."""
-        kept = dict(self.costs.corrections)
-        for w, r in self.ratios.items():
-            if r > 0 and self.fresh.get(w, 0) >= self.keep_after and abs(r / kept.get(w, 1.0) - 1) > self.tolerance:
-                kept[w] = r
-        return kept
+        """The corrections to keep: the kept ones, with the ratios of the widths worth keeping."""
+        return {**self.costs.corrections, **{w: self.ratios[w] for w in self.ratios if self.worth_keeping(w)}}
 
     def keep(self) -> None:
         """Write ``learned()`` into the calibration file, unless it now holds another

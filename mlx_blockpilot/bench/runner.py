@@ -319,13 +319,13 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned
         measured = (r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds
         context = prompt_lengths[r.prompt] + r.generation_tokens // 2
         predicted = costs.round_s(r.block_size, context)
-        measured_by[(r.block_size, r.prompt, r.repeat)] = (
-            predicted, measured, corrected.round_s(r.block_size, context) if corrected is not None else None)
+        with_corrections = corrected.round_s(r.block_size, context) if corrected is not None else None
+        measured_by[(r.block_size, r.prompt, r.repeat)] = (predicted, measured, with_corrections)
         out.setdefault(r.block_size, []).append(predicted / measured)
         if learned is not None:
             learned_by.setdefault(r.block_size, []).append(learned.round_s(r.block_size, context) / measured)
-        if corrected is not None:
-            corrected_by.setdefault(r.block_size, []).append(corrected.round_s(r.block_size, context) / measured)
+        if with_corrections is not None:
+            corrected_by.setdefault(r.block_size, []).append(with_corrections / measured)
     relative, corrected_relative = {}, {}
     for (b, prompt, repeat), (predicted, measured, with_corrections) in measured_by.items():
         plain = measured_by.get((1, prompt, repeat))
