@@ -188,7 +188,7 @@ def generate_step(
         schedule = make_schedule(width, options.block_size, policy, options.refine, costs,
                                  max_width=draft.config.block_size, context=len(cache.tokens),
                                  unread=len(cache.tokens) - cache.drafted, remaining=max_tokens - 1,
-                                 acceptance=acceptance)
+                                 acceptance=acceptance, greedy=options.greedy)
         n = 1
         finish = "stop" if last in eos else "length" if max_tokens == 1 else None
         yield Step([last], 0, finish, pre, width, policy_s)

@@ -19,6 +19,10 @@ import mlx.core as mx
 from .costs import LearnedCosts
 from .options import AUTO, BlockSize, check_block_size
 
+# How much faster (a fraction) a narrower width must be expected to be before the controller
+# leaves the policy's pick when decoding greedily (``CostAware``'s ``trust``).
+PICK_TRUST = 0.1
+
 
 def choose_block_size(block_size: BlockSize, policy, features: Callable[[str], mx.array]) -> int:
     """The generation's block size: ``block_size``, or the policy's pick when it is ``"auto"``.
@@ -134,17 +138,18 @@ class CostAware(Fixed):
     ``remaining`` ones) pays that back, and a probe only when the read costs no more than
     a plain step: at long context with a weak drafter, decoding stays plain.
 
-    The width it starts from (the policy's pick) is trusted: the controller moves below it
-    only for a width expected to be faster by more than ``trust`` (a fraction), since its
-    estimates from a few noisy rounds are often wrong by that much and plain rounds teach it
-    nothing; the decision to pay for a long read (after a long prompt) is taken on the
-    estimates alone.
+    The width it starts from (the policy's pick) can be trusted: the controller then moves
+    below it only for a width expected to be faster by more than ``trust`` (a fraction), since
+    its estimates from a few noisy rounds are often wrong by that much and plain rounds teach
+    it nothing; the decision to pay for a long read (after a long prompt) is taken on the
+    estimates alone. ``make_schedule`` trusts the pick when decoding greedily only: the
+    policy learned from greedy acceptance, which sampling does not reach.
     """
 
     def __init__(self, width: int, costs, max_width: int, context: int, unread: int = 0,
                  remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
                  memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
-                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = 0.1,
+                 acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = PICK_TRUST,
                  plain_window: int = 16):
         super().__init__(width)
         self.home, self.trust = width, trust
@@ -275,15 +280,16 @@ class CostAware(Fixed):
 
 def make_schedule(width: int, block_size: BlockSize, policy, refine: bool, costs=None, max_width: int = 8,
                   context: int = 0, unread: int = 0, remaining: Optional[int] = None,
-                  acceptance: Optional[Acceptance] = None) -> Fixed:
+                  acceptance: Optional[Acceptance] = None, greedy: bool = True) -> Fixed:
     """The schedule of a generation whose block size was picked as ``width``: ``CostAware``
     when ``refine`` and calibrated ``costs`` are given (widths 1 to ``max_width``, the
     drafter's training block size: wider blocks are outside what it learned; or ``width``
     if larger; ``context`` tokens cached, ``unread`` of them not yet read by the drafter,
     ``remaining`` tokens at most to generate; the session's ``acceptance`` to start from and
-    add to), else ``Refine`` or ``Fixed``."""
+    add to; the pick trusted when ``greedy``), else ``Refine`` or ``Fixed``."""
     if refine and costs is not None:
-        return CostAware(width, costs, max(max_width, width), context, unread, remaining, acceptance=acceptance)
+        return CostAware(width, costs, max(max_width, width), context, unread, remaining, acceptance=acceptance,
+                         trust=PICK_TRUST if greedy else 0.0)
     if refine:
         return Refine(width, *refine_window(width, block_size, policy))
     return Fixed(width)

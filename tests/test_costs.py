@@ -12,7 +12,7 @@ from mlx_blockpilot.bench.drafters import ScriptedDraft
 from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, load_costs, measure, read_costs, write_costs
 from mlx_blockpilot.decode import generate, generate_step
 from mlx_blockpilot.options import GenerationOptions
-from mlx_blockpilot.schedule import CostAware, session_acceptance
+from mlx_blockpilot.schedule import Acceptance, CostAware, make_schedule, session_acceptance
 
 
 def costs(draft_s=0.1, verify_growth=0.1, read_s=0.0):
@@ -117,6 +117,30 @@ def test_the_pick_is_left_for_a_narrower_width_only_when_faster_by_more_than_tru
     # At r = 0.3 width 2 beats the picked 3 by 1.3%: only a controller without trust moves.
     assert width(3, 0.3, trust=0.0, max_width=3) == 2
     assert width(3, 0.3, trust=0.1, max_width=3) == 3
+
+
+def test_the_pick_is_trusted_when_decoding_greedily_only(qwen3):
+    # The policy learned from greedy acceptance: a sampling generation's controller moves on its estimates.
+    def width(greedy):
+        s = make_schedule(3, 3, None, True, costs(), max_width=3, greedy=greedy)
+        s.estimate = Acceptance(0.9, [300.0, 300.0], [1000.0, 1000.0])  # r = 0.3: width 2 is 1.3% faster than 3
+        s.update(1, 3)
+        return s.width
+
+    assert width(greedy=True) == 3
+    assert width(greedy=False) == 2
+    # Through decoding: after a first round at the pick (3) keeps nothing, width 2 is expected 4.7% faster
+    # than 3 (rates 0.32 and 0.5 at a round cost of 1.2 and 1.41 plain steps).
+    tok = no_eos(qwen3.tokenizer)
+    prompt = make_prompt(13, seed=2)
+    wrong = ScriptedDraft(qwen3.draft.config, prompt + reference(qwen3.model, prompt, max_tokens=8),
+                          qwen3.cfg["vocab_size"], wrong=True)
+    c = Costs([1, 2, 3], [1, 10000], [[1.0, 1.2, 1.41]] * 2, [[0.0, 0.0, 0.0]] * 2)
+    for temperature, second in ((0.0, 3), (0.7, 2)):
+        opts = GenerationOptions(max_tokens=8, block_size=3, refine=True, temperature=temperature, seed=0)
+        steps = list(generate_step(qwen3.model, wrong, prompt, opts, costs=c))
+        assert len(steps[1].tokens) == 1  # the first round kept no draft
+        assert [s.width for s in steps[1:3]] == [3, second]
 
 
 def test_trust_does_not_pay_for_a_long_read():
