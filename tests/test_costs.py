@@ -131,7 +131,6 @@ def test_the_pick_is_trusted_when_decoding_greedily_only(qwen3):
     assert width(greedy=False) == 2
     # Through decoding: after a first round at the pick (3) keeps nothing, width 2 is expected 4.7% faster
     # than 3 (rates 0.32 and 0.5 at a round cost of 1.2 and 1.41 plain steps).
-    tok = no_eos(qwen3.tokenizer)
     prompt = make_prompt(13, seed=2)
     wrong = ScriptedDraft(qwen3.draft.config, prompt + reference(qwen3.model, prompt, max_tokens=8),
                           qwen3.cfg["vocab_size"], wrong=True)
