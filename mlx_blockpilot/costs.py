@@ -89,8 +89,10 @@ class LearnedCosts:
     interpolated between timed widths (flat past them; 1 before any round is timed). Kept on
     the bundle, it learns over a session's generations.
 
-    It starts from the ``corrections`` the calibration holds (each worth ``prior`` rounds, so a
-    few new rounds do not undo them). With ``path`` (the calibration's file), a width's ratio is
+    It starts from the ``corrections`` the calibration holds, each worth ``prior`` rounds that
+    fade: every round timed here replaces one of them, so a few new rounds do not undo a kept
+    correction and ``prior`` of them outvote it (a kept value learned under another load does
+    not outlast the rounds that contradict it). With ``path`` (the calibration's file), a width's ratio is
     written back as its correction once ``keep_after`` rounds of this session timed it and it
     moved more than ``tolerance`` from the kept one: the next session starts from it.
     """
@@ -101,12 +103,16 @@ class LearnedCosts:
         self.keep_after, self.tolerance = keep_after, tolerance
         self.samples: Dict[int, Deque[float]] = {w: deque([r] * prior, maxlen=window)
                                                  for w, r in costs.corrections.items()}
+        self.inherited: Dict[int, int] = {w: prior for w in costs.corrections}  # kept copies left in samples
         self.ratios: Dict[int, float] = dict(costs.corrections)  # width -> median of its samples
         self.fresh: Dict[int, int] = {}  # width -> rounds timed here
 
     def observe(self, width: int, context: int, seconds: float) -> None:
         """A round of ``width`` with ``context`` tokens cached took ``seconds``."""
         samples = self.samples.setdefault(width, deque(maxlen=self.window))
+        if self.inherited.get(width):  # the round replaces a copy of the kept correction (the oldest samples)
+            samples.popleft()
+            self.inherited[width] -= 1
         samples.append(seconds / self.costs.round_s(width, context))
         self.ratios[width] = statistics.median(samples)
         self.fresh[width] = self.fresh.get(width, 0) + 1

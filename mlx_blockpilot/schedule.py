@@ -126,8 +126,9 @@ class CostAware(Fixed):
     already steer). With ``costs.round_s`` from calibration, a width ``w`` is worth
     ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens per second; width 1 is
     plain decoding. With ``costs.LearnedCosts`` the rounds' times (``observe``) correct
-    the calibration, and a drafting width next to the best one that was never timed is
-    tried once. Plain rounds teach nothing about drafting,
+    the calibration, and a drafting width next to the best one that this session timed fewer
+    than ``explore`` times is tried (its cost may be a stale correction of an earlier session's
+    load, and a width believed too dear is otherwise never timed). Plain rounds teach nothing about drafting,
     so after ``probe_every`` of them one round drafts again at the best drafting width;
     where a drafted round costs much more than a plain step (long context), probes are
     spaced so that they cost at most ``probe_budget`` of the time even when they fail.
@@ -150,7 +151,7 @@ class CostAware(Fixed):
                  remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
                  memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
                  acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = PICK_TRUST,
-                 plain_window: int = 16):
+                 plain_window: int = 16, explore: int = 3):
         super().__init__(width)
         self.home, self.trust = width, trust
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
@@ -161,7 +162,8 @@ class CostAware(Fixed):
                 weight = min(c, session_rounds)
                 hits[k], seen[k] = hits[k] + weight * h / c, seen[k] + weight
         self.estimate, self.session = Acceptance(memory, hits, seen), acceptance
-        self.last = None  # the last round: its width, context, the width of the round before it
+        self.last = None  # the last round: its width, context, the width of the round before it, unread features
+        self.explore, self.tried = explore, {}  # width -> rounds tried by ``explored`` in this generation
         self.stretch: Optional[PlainStretch] = None  # the plain rounds since the last drafted one
         self.plain_window = plain_window
         self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
@@ -227,11 +229,12 @@ class CostAware(Fixed):
         rounds begins and ends, one round at every sync inside it, so a stretch is timed as a
         whole (when a drafted round ends it) or, when long, in windows of ``plain_window`` rounds
         between two syncs inside it (its rest, which ends short, is then dropped).
-        A drafted round is timed after another drafted one only: after plain rounds its
-        drafter first reads their features (``costs.catch_up_s`` prices that)."""
+        A drafted round is timed less its drafter's read of the features it had not seen
+        (``costs.catch_up_s`` prices that: after plain rounds, all of theirs), except a
+        generation's first (it reads the prompt and finishes the prefill's last chunk)."""
         if self.last is None or not isinstance(self.costs, LearnedCosts):
             return
-        width, context, before = self.last
+        width, context, before, unread = self.last
         stretch = self.stretch
         if width == 1:
             if stretch is None:
@@ -249,11 +252,23 @@ class CostAware(Fixed):
             if not stretch.sampled:
                 self.costs.observe(1, stretch.context, stretch.seconds / stretch.rounds)
             self.stretch = None
-        if before is not None and before > 1:
-            self.costs.observe(width, context, seconds)
+        rest = seconds - self.costs.catch_up_s(unread)
+        if before is not None and rest > 0:
+            self.costs.observe(width, context, rest)
+
+    def explored(self, width: int) -> int:
+        """``width``, or a drafting width next to it that this session timed fewer than
+        ``explore`` times (and this generation tried fewer: profiling times nothing)."""
+        if not isinstance(self.costs, LearnedCosts):
+            return width
+        for w in (width - 1, width + 1):
+            if 2 <= w <= self.max_width and max(self.costs.fresh.get(w, 0), self.tried.get(w, 0)) < self.explore:
+                self.tried[w] = self.tried.get(w, 0) + 1
+                return w
+        return width
 
     def update(self, committed: int, width: int, context: int = 0) -> None:
-        self.last = (width, self.context, self.last[0] if self.last is not None else None)
+        self.last = (width, self.context, self.last[0] if self.last is not None else None, self.unread)
         self.context = context or self.context
         if self.remaining is not None:
             self.remaining -= committed
@@ -267,14 +282,13 @@ class CostAware(Fixed):
         speeds = self.scores()
         drafting = max(range(2, self.max_width + 1), key=lambda w: speeds[w - 1])
         best = drafting if self.pays(drafting, speeds) else 1
-        if best > 1 and isinstance(self.costs, LearnedCosts):  # a neighbour never timed is tried once
-            best = next((w for w in (best - 1, best + 1) if 2 <= w <= self.max_width and w not in self.costs.samples),
-                        best)
+        if best > 1:
+            best = self.explored(best)
         self.plain = self.plain + 1 if best == 1 else 0
         if self.plain > self.probe_interval(drafting):
             self.plain = 0
             if self.read_is_cheap():
-                best = drafting
+                best = self.explored(drafting)
         self.width = best
 
 

@@ -192,7 +192,9 @@ def test_learned_costs_are_kept_for_the_next_session(tmp_path):
     for _ in range(2):  # a couple of rounds caught at a quiet moment do not undo it
         later.observe(4, 100, c.round_s(4, 100))
     assert later.round_s(4, 100) == pytest.approx(2 * c.round_s(4, 100))
-    for _ in range(8):  # the machine is faster now: the correction follows, in the file too
+    later.observe(4, 100, c.round_s(4, 100))  # a third: each replaced a copy of the kept value, now outvoted
+    assert later.ratio(4) == pytest.approx(1.0) and read_costs(path).corrections == {4: pytest.approx(2.0)}
+    for _ in range(5):  # the machine is faster now: the correction follows, in the file too (after 8 rounds)
         later.observe(4, 100, c.round_s(4, 100))
     assert later.ratio(4) == pytest.approx(1.0) and read_costs(path).corrections == {4: pytest.approx(1.0)}
 
@@ -237,8 +239,30 @@ def test_controller_moves_off_a_width_that_times_slower_than_calibrated():
     assert slow[-1] == 2 and slow.count(2) > 20
 
 
+def test_a_stale_kept_correction_is_tried_and_outvoted():
+    """Width 2 was kept as three times dearer than calibrated (learned under another load) and
+    really costs what calibration measured: it is tried as a neighbour of the best width, and
+    its rounds outvote the kept value, when drafting and when probing from plain decoding."""
+
+    def run(pick, committed):
+        learned = LearnedCosts(replace(costs(), corrections={2: 3.0}))
+        s = CostAware(pick, learned, 8, context=100, remaining=10_000, trust=0.0)
+        widths = []
+        for _ in range(200):
+            w = s.width
+            s.update(min(w, committed), w)
+            s.observe(costs().round_s(w, 100))
+            widths.append(w)
+        return widths, learned
+
+    widths, learned = run(3, committed=2)  # the first draft always accepted, never a second: width 2 is best
+    assert learned.ratio(2) == pytest.approx(1.0) and widths[-50:] == [2] * 50
+    widths, learned = run(1, committed=1)  # every draft rejected: plain decoding, and probes
+    assert learned.ratio(2) == pytest.approx(1.0) and widths.count(2) >= 3 and widths[-50:].count(1) > 40
+
+
 def test_plain_rounds_are_timed_as_a_run():
-    learned = LearnedCosts(costs())
+    learned = LearnedCosts(costs(read_s=0.1))  # the drafter reads a feature it has not seen in 0.1 s
     s = CostAware(1, learned, 8, context=100)
     s.width = 1
     for seconds in (2.0, 0.0, 1.0, 1.0):  # a round built ahead on the first is waited for with it
@@ -246,15 +270,15 @@ def test_plain_rounds_are_timed_as_a_run():
         s.observe(seconds)
     assert not learned.samples  # the run goes on
     s.update(3, 4)
-    s.observe(5.0)  # a drafted round ends it (its drafter first read the plain rounds' features)
-    assert learned.round_s(1, 100) == pytest.approx(1.0) and 4 not in learned.samples
+    s.observe(1.4 + 0.4)  # a drafted round ends it; its drafter first read the 4 plain rounds' features
+    assert learned.round_s(1, 100) == pytest.approx(1.0) and list(learned.samples[4]) == pytest.approx([1.0])
     s.update(3, 4)
-    s.observe(1.4)  # one after a drafted round: what width 4 costs
-    assert learned.round_s(4, 100) == pytest.approx(1.4)
+    s.observe(2 * 1.4 + 0.3)  # one after a drafted round, whose 3 kept inputs it read
+    assert list(learned.samples[4]) == pytest.approx([1.0, 2.0])
     first = CostAware(4, learned, 8, context=100, unread=50)  # a generation's first round reads the prompt
     first.update(3, 4)
     first.observe(30.0)
-    assert learned.round_s(4, 100) == pytest.approx(1.4)  # not taken as what width 4 costs
+    assert len(learned.samples[4]) == 2  # not taken as what width 4 costs
 
 
 def test_plain_rounds_built_ahead_are_timed_by_the_work_between_syncs():
