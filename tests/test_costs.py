@@ -261,6 +261,17 @@ def test_a_stale_kept_correction_is_tried_and_outvoted():
     assert learned.ratio(2) == pytest.approx(1.0) and widths.count(2) >= 3 and widths[-50:].count(1) > 40
 
 
+def test_neighbours_are_tried_a_few_times_per_generation_when_nothing_is_timed():
+    """Profiling (``generate_step(timed=True)``) times no round: a neighbour is then tried
+    ``explore`` times in a generation, not every round."""
+    s = CostAware(3, LearnedCosts(costs()), 8, context=100, remaining=10_000, trust=0.0)
+    widths = []
+    for _ in range(60):
+        widths.append(s.width)
+        s.update(min(s.width, 3), s.width)  # two drafts accepted, never a third: width 3 is best
+    assert widths.count(2) == 3 and widths.count(4) == 3 and widths[-40:] == [3] * 40
+
+
 def test_plain_rounds_are_timed_as_a_run():
     learned = LearnedCosts(costs(read_s=0.1))  # the drafter reads a feature it has not seen in 0.1 s
     s = CostAware(1, learned, 8, context=100)
