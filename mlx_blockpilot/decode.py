@@ -99,9 +99,10 @@ def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: 
     """One round's lazy graph: draft ``width - 1`` tokens, verify them, accept a prefix.
 
     ``last`` is the last committed token (a lazy array only for a plain round, ``width`` 1).
-    Returns ``(drafted, accepted, next_token, hidden, replay)``: the drafted tokens, how
-    many of them the target accepts, the target's own next token, the verify pass's
-    features and what the cache needs to take the pass back on linear-attention layers.
+    Returns ``(drafted, accepted, next_token, hidden, replay, expected)``: the drafted tokens,
+    how many of them the target accepts, the target's own next token, the verify pass's
+    features, what the cache needs to take the pass back on linear-attention layers and, when
+    sampling drafted tokens, each one's probability of being kept (``accept_sampled``; else None).
     """
     cfg = draft.config
     last_arr = last.reshape(1, 1) if isinstance(last, mx.array) else mx.array([[last]])
@@ -127,18 +128,18 @@ def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: 
     # One target pass over [last, d1 .. d(B-1)]: logits[i] is the target's distribution
     # for the token after verify[i], so logits[:-1] judge d1..d(B-1) and logits[a] gives
     # the token after the accepted prefix of length a.
-    replay = []
+    replay, expected = [], None
     logits, hidden = target.forward(model, verify, cache.target, cfg.target_layer_ids, replay)
     if opts.greedy:  # keep d_i while it equals the target's argmax
         accepted, nxt = accept_greedy(drafted, logits[0])
     elif width == 1:  # plain decoding: a sample of the target's distribution
         accepted, nxt = mx.array(0), sample(probabilities(logits[0, -1], opts), key)
     else:  # keep d_i with prob min(1, p/q); resample the first rejection from max(p - q, 0)
-        accepted, nxt = accept_sampled(drafted, draft_probs, logits[0], opts, key)
+        accepted, nxt, expected = accept_sampled(drafted, draft_probs, logits[0], opts, key)
     if timings is not None:
         mx.eval(accepted, nxt, hidden)
         timings["verify"] = time.perf_counter() - tic
-    return drafted, accepted, nxt, hidden, replay
+    return drafted, accepted, nxt, hidden, replay, expected
 
 
 def generate_step(
@@ -198,7 +199,7 @@ def generate_step(
         ahead = None  # the next plain round, already built (see below)
 
         def take_back(built) -> None:  # a plain round built ahead but not needed leaves the cache
-            _, _, _, built_hidden, built_replay = built
+            _, _, _, built_hidden, built_replay, _ = built
             cache.commit([], built_hidden, 1, built_replay)
 
         synced = time.perf_counter()  # when the last round's tokens reached the host
@@ -226,7 +227,7 @@ def generate_step(
                     # be built on this one's lazy next token before waiting for it: graph building then
                     # overlaps the computation, as in mlx-lm's generate_step. A round built ahead that is
                     # not needed (EOS, max_tokens, the generator closed) is taken back off the cache.
-                    _, _, nxt, hidden, replay = ahead or _round(model, draft, cache, last, 1, options, round_key)
+                    _, _, nxt, hidden, replay, _ = ahead or _round(model, draft, cache, last, 1, options, round_key)
                     ahead = None
                     cache.commit([last], hidden, 1, replay)
                     schedule.update(1, 1, len(cache.tokens))
@@ -244,10 +245,12 @@ def generate_step(
                     if finish:
                         return
                     continue
-                drafted, accepted, nxt, hidden, replay = _round(model, draft, cache, last, w, options, round_key, timings)
+                drafted, accepted, nxt, hidden, replay, expected = _round(model, draft, cache, last, w, options,
+                                                                          round_key, timings)
                 tic = time.perf_counter()
                 out = mx.concatenate([drafted.astype(mx.int32), accepted[None].astype(mx.int32), nxt[None].astype(mx.int32)])
-                values = out.tolist()  # the round's one host sync
+                mx.eval(out, expected)  # the round's one host sync
+                values = out.tolist()
                 a = values[w - 1]
                 new = (values[:a] + [values[w]])[: max_tokens - n]
                 stop_at = next((i for i, t in enumerate(new) if t in eos), None)
@@ -255,7 +258,7 @@ def generate_step(
                     new = new[: stop_at + 1]
                 # Of the w verify inputs [last, d1 ..], the committed ones stay: last + new[:-1].
                 cache.commit([last] + new[:-1], hidden, w, replay)
-                schedule.update(len(new), w, len(cache.tokens))
+                schedule.update(len(new), w, len(cache.tokens), None if expected is None else expected.tolist())
                 observe()
                 n += len(new)
                 last = new[-1]

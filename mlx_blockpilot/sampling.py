@@ -48,12 +48,15 @@ def accept_sampled(
     target_logits: mx.array,
     params: GenerationOptions,
     key: mx.array,
-) -> Tuple[mx.array, mx.array]:
+) -> Tuple[mx.array, mx.array, mx.array]:
     """Speculative sampling (Leviathan et al.): output is distributed as the target.
 
     Draft token ``x_i ~ q_i`` is kept with probability ``min(1, p_i(x_i) / q_i(x_i))``;
     at the first rejection the next token comes from ``normalize(max(p - q, 0))``, and
     after a fully accepted block from ``p``. ``draft_probs`` is ``(n, V)``.
+    Returns ``(accepted, next_token, expected)``: ``expected[i] = sum(min(p_i, q_i))`` is
+    the probability that draft ``i`` is kept given the drafts before it, what its kept or
+    rejected coin averages to (the per-round controller learns from it: same mean, less noise).
     """
     accept_key, next_key = mx.random.split(key)
     p = probabilities(target_logits, params)
@@ -70,7 +73,8 @@ def accept_sampled(
         residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p_a)
         return sample(residual, next_key)
 
-    return _prefix_and_next(u * q_draft < p_draft, next_token)
+    accepted, nxt = _prefix_and_next(u * q_draft < p_draft, next_token)
+    return accepted, nxt, mx.minimum(p[:n], draft_probs).sum(axis=-1)
 
 
 def _prefix_and_next(matches: mx.array, next_token) -> Tuple[mx.array, mx.array]:

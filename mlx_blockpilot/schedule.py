@@ -58,8 +58,9 @@ class Fixed:
     def __init__(self, width: int):
         self.width = width
 
-    def update(self, committed: int, width: int, context: int = 0) -> None:
-        """A round of ``width`` committed ``committed`` tokens; ``context`` tokens are now cached."""
+    def update(self, committed: int, width: int, context: int = 0, expected: Optional[Sequence[float]] = None) -> None:
+        """A round of ``width`` committed ``committed`` tokens; ``context`` tokens are now cached;
+        ``expected``: each draft's probability of being kept, when they were sampled (``Acceptance``)."""
 
     def observe(self, seconds: float) -> None:
         """The round of the last ``update`` took ``seconds`` (from the previous round's end)."""
@@ -72,7 +73,7 @@ class Refine(Fixed):
         super().__init__(width)
         self.lo, self.hi = lo, hi
 
-    def update(self, committed: int, width: int, context: int = 0) -> None:
+    def update(self, committed: int, width: int, context: int = 0, expected: Optional[Sequence[float]] = None) -> None:
         self.width = refine_width(self.width, committed, width, self.lo, self.hi)
 
 
@@ -84,14 +85,19 @@ class Acceptance:
     def __init__(self, memory: float, hits: Sequence[float] = (), seen: Sequence[float] = ()):
         self.memory, self.hits, self.seen = memory, list(hits), list(seen)
 
-    def observe(self, accepted: int, drafted: int) -> None:
+    def observe(self, accepted: int, drafted: int, expected: Optional[Sequence[float]] = None) -> None:
         """A round kept ``accepted`` of its ``drafted`` drafts (a round cut short by EOS or
-        ``max_tokens`` undercounts: harmless)."""
+        ``max_tokens`` undercounts: harmless). With sampled drafts, ``expected[k]`` is the
+        probability that draft ``k + 1`` was kept given those before it; it is counted instead of
+        the kept/rejected outcome (its average, without the coin's noise: at T = 0.7 on the demo
+        half the variance), at the same positions (a draft after the first rejection was drafted
+        after a rejected one, not a kept one)."""
         seen = min(accepted + 1, drafted)  # positions seen: the accepted ones and the first miss
         grow = max(0, seen - len(self.seen))
         self.hits, self.seen = self.hits + [0.0] * grow, self.seen + [0.0] * grow
         for k in range(seen):
-            self.hits[k] = self.memory * self.hits[k] + (k < accepted)
+            hit = (k < accepted) if expected is None else expected[k]
+            self.hits[k] = self.memory * self.hits[k] + hit
             self.seen[k] = self.memory * self.seen[k] + 1
 
     def rates(self) -> list:
@@ -267,7 +273,7 @@ class CostAware(Fixed):
                 return w
         return width
 
-    def update(self, committed: int, width: int, context: int = 0) -> None:
+    def update(self, committed: int, width: int, context: int = 0, expected: Optional[Sequence[float]] = None) -> None:
         self.last = (width, self.context, self.last[0] if self.last is not None else None, self.unread)
         self.context = context or self.context
         if self.remaining is not None:
@@ -278,7 +284,7 @@ class CostAware(Fixed):
             self.unread = committed  # the drafter read everything; this round's kept inputs wait
             for acceptance in (self.estimate, self.session):
                 if acceptance is not None:
-                    acceptance.observe(committed - 1, width - 1)
+                    acceptance.observe(committed - 1, width - 1, expected)
         speeds = self.scores()
         drafting = max(range(2, self.max_width + 1), key=lambda w: speeds[w - 1])
         best = drafting if self.pays(drafting, speeds) else 1

@@ -333,6 +333,31 @@ def test_a_generation_starts_from_the_sessions_acceptance():
     assert (second.width, blind.width) == (2, 3)  # the session's rates already steer; the blind prior's barely
 
 
+def test_sampled_rounds_count_each_drafts_expected_acceptance():
+    counted = Acceptance(memory=1.0)
+    counted.observe(0, 3, expected=[0.4, 0.9, 0.8])  # rejected at once: only the first draft was judged as kept-or-not
+    counted.observe(2, 3, expected=[0.7, 0.6, 0.5])
+    assert counted.hits == pytest.approx([1.1, 0.6, 0.5]) and counted.seen == [2.0, 1.0, 1.0]
+    outcomes = Acceptance(memory=1.0)  # greedy rounds: whether each draft was kept
+    outcomes.observe(0, 3)
+    outcomes.observe(2, 3)
+    assert outcomes.hits == [1.0, 1.0, 0.0] and outcomes.seen == [2.0, 1.0, 1.0]
+
+
+def test_sampled_decoding_teaches_the_controller_expected_acceptance(small_vocab):  # noqa: F811
+    model, draft = small_vocab
+    learned = {}
+    for temperature in (0.0, 1.0):
+        acceptance = Acceptance(memory=1.0)  # sums: whole numbers when it counts outcomes
+        opts = GenerationOptions(max_tokens=40, block_size=3, refine=True, temperature=temperature, seed=0)
+        list(generate_step(model, draft, [1, 4, 2], opts, costs=costs(draft_s=0.01, verify_growth=0.05),
+                           acceptance=acceptance))
+        assert acceptance.seen and acceptance.seen[0] >= 3, "the test should draft"
+        learned[temperature] = acceptance.hits
+    assert all(h == int(h) for h in learned[0.0])  # greedy: kept or not
+    assert any(abs(h - round(h)) > 1e-3 for h in learned[1.0])  # sampled: probabilities of being kept
+
+
 def test_drafting_starts_only_when_the_drafters_catch_up_pays_back():
     # B=3 with the prior: 1.75 tokens per 1.3 s against 1 per 1 s plain: ~0.26 s saved per token
     cheap, slow = costs(read_s=1e-4), costs(read_s=0.01)

@@ -154,6 +154,32 @@ def test_seed_reproducible(small_vocab):
     assert any(o != runs[0] for o in other)
 
 
+def test_each_drafts_expected_acceptance_is_what_its_coin_averages_to():
+    """``accept_sampled``'s ``expected[i] = sum(min(p_i, q_i))`` is the probability that draft
+    ``i``, sampled from ``q_i``, is kept when the drafts before it were (what the per-round
+    controller counts instead of the kept/rejected outcome)."""
+    from mlx_blockpilot.options import GenerationOptions
+    from mlx_blockpilot.sampling import accept_sampled, probabilities, sample
+
+    rng = np.random.default_rng(1)
+    opts = GenerationOptions(temperature=0.7, top_p=0.9)
+    target_logits = mx.array(rng.standard_normal((3, VOCAB)).astype(np.float32) * 2)
+    noise = mx.array(rng.standard_normal((2, VOCAB)).astype(np.float32) * 1.5)
+    q = mx.softmax(target_logits[:2] / 0.7 + noise, axis=-1)  # a drafter near the target
+    want = np.minimum(np.array(probabilities(target_logits, opts))[:2], np.array(q)).sum(axis=-1)
+    assert 0.1 < want.min() and want.max() < 0.9  # neither always kept nor never
+    reached, kept = np.zeros(2), np.zeros(2)
+    for seed in range(2000):
+        draft_key, key = mx.random.split(mx.random.key(seed))
+        accepted, _, expected = accept_sampled(sample(q, draft_key), q, target_logits, opts, key)
+        np.testing.assert_allclose(np.array(expected), want, rtol=1e-5)
+        a = accepted.item()
+        reached += [1, a >= 1]
+        kept += [a >= 1, a >= 2]
+    sd = np.sqrt(want * (1 - want) / reached)
+    assert np.all(np.abs(kept / reached - want) < 4 * sd), (kept / reached, want)
+
+
 def test_probabilities_match_numpy_reference():
     from mlx_blockpilot.options import GenerationOptions
     from mlx_blockpilot.sampling import probabilities
