@@ -22,7 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from . import target
 from .cache import PromptCache, make_cache
 from .options import PREFILL_STEP_SIZE, GenerationOptions, check_prompt_length
-from .sampling import accept_greedy, accept_sampled, greedy_tokens, probabilities, sample
+from .sampling import accept_greedy, accept_sampled, greedy_tokens, probabilities, sample, sample_target
 from .schedule import choose_block_size, make_schedule
 
 __all__ = ["GenerationResponse", "Prefill", "PromptCache", "Step", "generate", "generate_step", "make_cache",
@@ -133,7 +133,7 @@ def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: 
     if opts.greedy:  # keep d_i while it equals the target's argmax
         accepted, nxt = accept_greedy(drafted, logits[0])
     elif width == 1:  # plain decoding: a sample of the target's distribution
-        accepted, nxt = mx.array(0), sample(probabilities(logits[0, -1], opts), key)
+        accepted, nxt = mx.array(0), sample_target(logits[0, -1], opts, key)
     else:  # keep d_i with prob min(1, p/q); resample the first rejection from max(p - q, 0)
         accepted, nxt, expected = accept_sampled(drafted, draft_probs, logits[0], opts, key)
     if timings is not None:
@@ -178,7 +178,7 @@ def generate_step(
         tic = time.perf_counter()
         pre = prefill(model, draft, cache, list(prompt), options.prefill_step_size)
         key, first_key = mx.random.split(key)
-        first = greedy_tokens(pre.logits) if options.greedy else sample(probabilities(pre.logits, options), first_key)
+        first = greedy_tokens(pre.logits) if options.greedy else sample_target(pre.logits, options, first_key)
         last = first.item()
         pre.seconds = time.perf_counter() - tic
         tic = time.perf_counter()

@@ -189,3 +189,23 @@ def test_probabilities_match_numpy_reference():
         logits = rng.standard_normal(50).astype(np.float32) * 3
         ours = np.array(probabilities(mx.array(logits), GenerationOptions(temperature=temp, top_p=top_p, top_k=top_k)))
         np.testing.assert_allclose(ours, filtered_probs_numpy(logits.astype(np.float64), temp, top_p, top_k), atol=1e-5)
+
+
+def test_a_plain_rounds_sampler_draws_from_the_probabilities():
+    """``sample_target`` (categorical over the scores, no softmax) draws each token with its
+    probability under ``probabilities``: the filters and the temperature included."""
+    from mlx_blockpilot.options import GenerationOptions
+    from mlx_blockpilot.sampling import sample_target
+
+    rng = np.random.default_rng(2)
+    n = 6000
+    for temp, top_p, top_k in [(0.7, 1.0, 0), (1.3, 0.8, 0), (1.0, 1.0, 3)]:
+        logits = rng.standard_normal(VOCAB).astype(np.float32) * 2
+        want = filtered_probs_numpy(logits.astype(np.float64), temp, top_p, top_k)
+        opts = GenerationOptions(temperature=temp, top_p=top_p, top_k=top_k)
+        batch = mx.broadcast_to(mx.array(logits), (n, VOCAB))
+        counts = np.bincount(np.array(sample_target(batch, opts, mx.random.key(int(temp * 10)))), minlength=VOCAB)
+        assert counts[want == 0].sum() == 0, "sampled a filtered token"
+        live = want > 0
+        stat = (((counts[live] - n * want[live]) ** 2) / (n * want[live])).sum()
+        assert chi2_pvalue(stat, live.sum() - 1) > 1e-4, (temp, top_p, top_k, counts, want)
