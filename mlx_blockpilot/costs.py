@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
 from . import target
+from .draft import target_tokens
 from .errors import BlockPilotError
 
 CALIBRATION_FILE = "calibration.json"
@@ -274,7 +275,7 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                 graph with one sync, as a decoding round runs them), then taken back."""
                 replay = []
                 if draft_of is not None:
-                    drafted = mx.argmax(draft.propose(model, draft_of, ctx, dcache), axis=-1)
+                    drafted = target_tokens(draft.draft_ids(), mx.argmax(draft.propose(model, draft_of, ctx, dcache), axis=-1))
                     tokens = mx.concatenate([tokens[:, :1], drafted[None].astype(tokens.dtype)], axis=1)
                 logits, h = target.forward(model, tokens, caches, ids, replay)
                 mx.eval(logits, h)

@@ -22,7 +22,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from . import target
 from .cache import PromptCache, make_cache
 from .options import PREFILL_STEP_SIZE, GenerationOptions, check_prompt_length
-from .sampling import accept_greedy, accept_sampled, greedy_tokens, probabilities, sample, sample_target
+from .draft import target_tokens
+from .sampling import accept_greedy, accept_sampled, greedy_tokens, sample_draft, sample_target
 from .schedule import choose_block_size, make_schedule
 
 __all__ = ["GenerationResponse", "Prefill", "PromptCache", "Step", "generate", "generate_step", "make_cache",
@@ -108,15 +109,17 @@ def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: 
     last_arr = last.reshape(1, 1) if isinstance(last, mx.array) else mx.array([[last]])
     tic = time.perf_counter()
     if width > 1:
-        # The drafter sees [last, MASK, ...] and the committed context it has not read yet.
+        # The drafter sees [last, MASK, ...] and the committed context it has not read yet; its
+        # logits and choices are over its own vocabulary (draft_ids), the drafted tokens target ids.
         block = mx.array([[last] + [cfg.mask_token_id] * (width - 1)])
         logits = draft.propose(model, block, cache.take_pending(), cache.draft)
+        ids = draft.draft_ids()
         if opts.greedy:
-            drafted = greedy_tokens(logits)
+            choices = greedy_tokens(logits)
         else:
-            draft_probs = probabilities(logits, opts)
             key, draft_key = mx.random.split(key)
-            drafted = sample(draft_probs, draft_key)
+            choices, draft_probs = sample_draft(logits, opts, draft_key)
+        drafted = target_tokens(ids, choices)
         verify = mx.concatenate([last_arr, drafted[None].astype(last_arr.dtype)], axis=1)
     else:
         drafted, draft_probs = mx.zeros((0,), dtype=mx.int32), None
@@ -135,7 +138,7 @@ def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: 
     elif width == 1:  # plain decoding: a sample of the target's distribution
         accepted, nxt = mx.array(0), sample_target(logits[0, -1], opts, key)
     else:  # keep d_i with prob min(1, p/q); resample the first rejection from max(p - q, 0)
-        accepted, nxt, expected = accept_sampled(drafted, draft_probs, logits[0], opts, key)
+        accepted, nxt, expected = accept_sampled(choices, draft_probs, logits[0], opts, key, ids)
     if timings is not None:
         mx.eval(accepted, nxt, hidden)
         timings["verify"] = time.perf_counter() - tic

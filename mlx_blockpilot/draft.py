@@ -358,15 +358,10 @@ class DFlashDraft(nn.Module):
         return self.norm(h)
 
     def propose(self, model: nn.Module, block: mx.array, context_hidden: mx.array, cache) -> mx.array:
-        """Draft logits ``(B - 1, V)`` for block positions 1.. with the target's embedding and head
-        (``-inf`` outside a reduced draft vocabulary: the drafter never proposes those tokens)."""
+        """Draft logits ``(B - 1, V_draft)`` over the drafter's vocabulary (``draft_ids``) for block
+        positions 1.., with the target's embedding and head."""
         h = self(self.embed(model, block), context_hidden, cache)
-        logits = self.head(model, h[0, 1:])
-        if self.config.draft_vocab_size is None:
-            return logits
-        full = mx.full((logits.shape[0], target.vocab_size(model)), -mx.inf, dtype=logits.dtype)
-        full[:, self.draft_ids()] = logits
-        return full
+        return self.head(model, h[0, 1:])
 
 
 class Drafter(Protocol):
@@ -378,9 +373,20 @@ class Drafter(Protocol):
     def make_cache(self) -> List[Any]:
         """A fresh context cache (objects with ``offset``, ``trim`` and ``is_trimmable``)."""
 
+    def draft_ids(self) -> Optional[mx.array]:
+        """The target ids of the drafter's vocabulary (the columns of ``propose``'s logits), or
+        None when it is the target's whole vocabulary."""
+
     def propose(self, model: nn.Module, block: mx.array, context_hidden: Optional[mx.array], cache: List[Any]) -> mx.array:
-        """Draft logits ``(B - 1, V)`` for ``block`` = ``[[last, MASK, ...]]`` after reading
-        ``context_hidden`` (the committed context not seen yet) into ``cache``."""
+        """Draft logits ``(B - 1, V_draft)`` over the drafter's vocabulary for ``block`` =
+        ``[[last, MASK, ...]]`` after reading ``context_hidden`` (the committed context not seen
+        yet) into ``cache``. The drafter never proposes a token outside its vocabulary; the
+        target, which verifies over its whole vocabulary, supplies those."""
+
+
+def target_tokens(ids: Optional[mx.array], choices: mx.array) -> mx.array:
+    """The target ids of draft-vocabulary indices ``choices`` (``ids``: a drafter's ``draft_ids()``)."""
+    return choices if ids is None else ids[choices]
 
 
 def read_draft_config(path: str | Path) -> Tuple[DraftConfig, Dict[str, Any]]:

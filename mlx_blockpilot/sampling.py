@@ -5,7 +5,7 @@ are mlx-lm's: its top-p/top-k filters on log-probabilities, then ``softmax(x / t
 which is what ``mlx_lm.sample_utils.make_sampler`` samples from.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
@@ -42,6 +42,13 @@ def sample_target(logits: mx.array, params: GenerationOptions, key: mx.array) ->
     return mx.random.categorical(scores(logits, params), key=key)
 
 
+def sample_draft(logits: mx.array, params: GenerationOptions, key: mx.array) -> Tuple[mx.array, mx.array]:
+    """Draws from ``probabilities(logits, params)`` (one per row) and those probabilities, from
+    one pass of ``scores``: categorical sampling needs the scores, acceptance the probabilities."""
+    s = scores(logits, params)
+    return mx.random.categorical(s, key=key), mx.softmax(s, axis=-1)
+
+
 def greedy_tokens(logits: mx.array) -> mx.array:
     """Argmax of the log-probabilities, computed exactly as mlx-lm's greedy sampler sees them."""
     return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
@@ -57,38 +64,47 @@ def accept_greedy(draft_tokens: mx.array, target_logits: mx.array) -> Tuple[mx.a
 
 
 def accept_sampled(
-    draft_tokens: mx.array,
+    draft_choices: mx.array,
     draft_probs: mx.array,
     target_logits: mx.array,
     params: GenerationOptions,
     key: mx.array,
+    draft_ids: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     """Speculative sampling (Leviathan et al.): output is distributed as the target.
 
     Draft token ``x_i ~ q_i`` is kept with probability ``min(1, p_i(x_i) / q_i(x_i))``;
     at the first rejection the next token comes from ``normalize(max(p - q, 0))``, and
-    after a fully accepted block from ``p``. ``draft_probs`` is ``(n, V)``.
-    Returns ``(accepted, next_token, expected)``: ``expected[i] = sum(min(p_i, q_i))`` is
-    the probability that draft ``i`` is kept given the drafts before it, what its kept or
-    rejected coin averages to (the per-round controller learns from it: same mean, less noise).
+    after a fully accepted block from ``p``. ``draft_probs`` is ``(n, V_draft)`` over the
+    drafter's vocabulary, whose target ids are ``draft_ids`` (None: the target's vocabulary);
+    ``draft_choices`` index it. ``q`` is zero outside that vocabulary, so there ``p - q`` is ``p``.
+    Returns ``(accepted, next_token, expected)`` (``next_token`` a target id):
+    ``expected[i] = sum(min(p_i, q_i))`` is the probability that draft ``i`` is kept given
+    the drafts before it, what its kept or rejected coin averages to (the per-round
+    controller learns from it: same mean, less noise).
     """
     accept_key, next_key = mx.random.split(key)
     p = probabilities(target_logits, params)
-    n = draft_tokens.shape[0]
-    p_draft = mx.take_along_axis(p[:n], draft_tokens[:, None], axis=-1)[:, 0]
-    q_draft = mx.take_along_axis(draft_probs, draft_tokens[:, None], axis=-1)[:, 0]
+    p_of_drafts = p if draft_ids is None else p[:, draft_ids]  # p on the drafter's vocabulary
+    n = draft_choices.shape[0]
+    p_draft = mx.take_along_axis(p_of_drafts[:n], draft_choices[:, None], axis=-1)[:, 0]
+    q_draft = mx.take_along_axis(draft_probs, draft_choices[:, None], axis=-1)[:, 0]
     u = mx.random.uniform(shape=(n,), key=accept_key)
-    q_padded = mx.concatenate([draft_probs, mx.zeros((1, p.shape[-1]), dtype=p.dtype)])
+    q_padded = mx.concatenate([draft_probs, mx.zeros((1, draft_probs.shape[-1]), dtype=p.dtype)])
 
     def next_token(a):
         p_a = p[a]
-        residual = mx.maximum(p_a - q_padded[a], 0.0)
+        residual = mx.maximum(p_of_drafts[a] - q_padded[a], 0.0)
+        if draft_ids is not None:  # outside the drafter's vocabulary the residual is p itself
+            full = p[a]
+            full[draft_ids] = residual
+            residual = full
         total = residual.sum()
         residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p_a)
         return sample(residual, next_key)
 
     accepted, nxt = _prefix_and_next(u * q_draft < p_draft, next_token)
-    return accepted, nxt, mx.minimum(p[:n], draft_probs).sum(axis=-1)
+    return accepted, nxt, mx.minimum(p_of_drafts[:n], draft_probs).sum(axis=-1)
 
 
 def _prefix_and_next(matches: mx.array, next_token) -> Tuple[mx.array, mx.array]:

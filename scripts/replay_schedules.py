@@ -32,6 +32,7 @@ from mlx_blockpilot.cli.bench import prompt_source
 from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, read_costs
 from mlx_blockpilot.decode import generate_step, make_cache, prefill
 from mlx_blockpilot.demo import ensure_bundle
+from mlx_blockpilot.draft import target_tokens
 from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.prompts import encode_prompt, load_prompts
 from mlx_blockpilot.schedule import CostAware, session_acceptance
@@ -50,7 +51,8 @@ def record(bundle, prompt, max_tokens):
         row = []
         for w in WIDTHS:  # the drafter reads the features before `t` (then taken back), drafts w - 1
             block = mx.array([[seq[t]] + [mask] * (w - 1)])
-            drafted = mx.argmax(bundle.draft.propose(bundle.model, block, features[:, read:t], dcache), axis=-1).tolist()
+            choices = mx.argmax(bundle.draft.propose(bundle.model, block, features[:, read:t], dcache), axis=-1)
+            drafted = target_tokens(bundle.draft.draft_ids(), choices).tolist()
             trim_prompt_cache(dcache, t - read)
             kept = 0
             while kept < w - 1 and t + 1 + kept < len(seq) and drafted[kept] == seq[t + 1 + kept]:

@@ -239,7 +239,8 @@ def test_reduced_draft_vocabulary_is_lossless(qwen3, tmp_path):
     only ever proposes tokens of its vocabulary (the rest come from the target)."""
     from fixtures import write_draft
 
-    from mlx_blockpilot.draft import load_draft
+    from mlx_blockpilot import target
+    from mlx_blockpilot.draft import load_draft, target_tokens
 
     ids = list(range(0, qwen3.cfg["vocab_size"], 3))
     write_draft(tmp_path / "d", qwen3.cfg, qwen3.mask_id, draft_ids=ids)
@@ -250,8 +251,12 @@ def test_reduced_draft_vocabulary_is_lossless(qwen3, tmp_path):
     cache.commit([5, 6, 7], None, 3)
     mx.eval([c.state for c in cache.target])
     logits = draft.propose(qwen3.model, mx.array([[7] + [qwen3.mask_id] * 4]), mx.zeros((1, 3, 2 * qwen3.cfg["hidden_size"])), cache.draft)
-    assert set(np.array(mx.argmax(logits, -1)).tolist()) <= set(ids)
-    assert np.isinf(np.array(logits)[:, [i for i in range(qwen3.cfg["vocab_size"]) if i not in ids]]).all()
+    assert logits.shape == (4, len(ids))  # over the drafter's vocabulary: the head's rows of `ids`
+    full = target.lm_head(qwen3.model, draft(draft.embed(qwen3.model, mx.array([[7] + [qwen3.mask_id] * 4])),
+                                              mx.zeros((1, 3, 2 * qwen3.cfg["hidden_size"])))[0, 1:])
+    np.testing.assert_allclose(np.array(logits), np.array(full)[:, ids], rtol=1e-5, atol=1e-5)
+    choices = mx.argmax(logits, -1)
+    assert target_tokens(draft.draft_ids(), choices).tolist() == [ids[i] for i in choices.tolist()]
     for length in (1, 37):
         prompt = make_prompt(length, seed=40 + length)
         ref = reference(qwen3.model, prompt)

@@ -191,11 +191,14 @@ def test_probabilities_match_numpy_reference():
         np.testing.assert_allclose(ours, filtered_probs_numpy(logits.astype(np.float64), temp, top_p, top_k), atol=1e-5)
 
 
-def test_a_plain_rounds_sampler_draws_from_the_probabilities():
-    """``sample_target`` (categorical over the scores, no softmax) draws each token with its
-    probability under ``probabilities``: the filters and the temperature included."""
+@pytest.mark.parametrize("sampler", ["sample_target", "sample_draft"])
+def test_the_samplers_draw_from_the_probabilities(sampler):
+    """``sample_target`` (a plain round's: categorical over the scores, no softmax) and
+    ``sample_draft`` (a drafted round's: the draws and their probabilities from one pass) draw
+    each token with its probability under ``probabilities``: the filters and the temperature
+    included."""
+    from mlx_blockpilot import sampling
     from mlx_blockpilot.options import GenerationOptions
-    from mlx_blockpilot.sampling import sample_target
 
     rng = np.random.default_rng(2)
     n = 6000
@@ -204,8 +207,44 @@ def test_a_plain_rounds_sampler_draws_from_the_probabilities():
         want = filtered_probs_numpy(logits.astype(np.float64), temp, top_p, top_k)
         opts = GenerationOptions(temperature=temp, top_p=top_p, top_k=top_k)
         batch = mx.broadcast_to(mx.array(logits), (n, VOCAB))
-        counts = np.bincount(np.array(sample_target(batch, opts, mx.random.key(int(temp * 10)))), minlength=VOCAB)
+        draws = getattr(sampling, sampler)(batch, opts, mx.random.key(int(temp * 10)))
+        if sampler == "sample_draft":
+            draws, probs = draws
+            np.testing.assert_allclose(np.array(probs[0]), want, atol=1e-6)
+        counts = np.bincount(np.array(draws), minlength=VOCAB)
         assert counts[want == 0].sum() == 0, "sampled a filtered token"
         live = want > 0
         stat = (((counts[live] - n * want[live]) ** 2) / (n * want[live])).sum()
         assert chi2_pvalue(stat, live.sum() - 1) > 1e-4, (temp, top_p, top_k, counts, want)
+
+
+def test_acceptance_over_a_reduced_vocabulary_is_acceptance_over_the_full_one():
+    """A drafter's logits over its own vocabulary (``draft_ids``) give what the same logits
+    spread over the target's vocabulary (``-inf`` elsewhere) give: the same probabilities, the
+    same kept drafts, the same next token (tokens outside the drafter's vocabulary included)
+    and the same expected acceptance, with the same keys."""
+    from mlx_blockpilot.draft import target_tokens
+    from mlx_blockpilot.options import GenerationOptions
+    from mlx_blockpilot.sampling import accept_sampled, probabilities, sample_draft
+
+    rng = np.random.default_rng(3)
+    V, n = 40, 3
+    ids = mx.array(np.sort(rng.choice(V, 25, replace=False)).astype(np.int32))
+    outside = 0
+    for temp, top_p, top_k in [(0.7, 1.0, 0), (1.0, 0.9, 0), (1.2, 1.0, 10)]:
+        opts = GenerationOptions(temperature=temp, top_p=top_p, top_k=top_k)
+        target_logits = mx.array(rng.standard_normal((n + 1, V)).astype(np.float32) * 2)
+        reduced = target_logits[:n, ids] + mx.array(rng.standard_normal((n, 25)).astype(np.float32))
+        full = mx.full((n, V), -mx.inf)
+        full[:, ids] = reduced
+        q_full = probabilities(full, opts)
+        for seed in range(150):
+            draft_key, key = mx.random.split(mx.random.key(seed))
+            choices, q = sample_draft(reduced, opts, draft_key)
+            np.testing.assert_allclose(np.array(q_full[:, ids]), np.array(q), atol=1e-6)
+            ours = accept_sampled(choices, q, target_logits, opts, key, ids)
+            theirs = accept_sampled(target_tokens(ids, choices), q_full, target_logits, opts, key)
+            assert ours[0].item() == theirs[0].item() and ours[1].item() == theirs[1].item()
+            np.testing.assert_allclose(np.array(ours[2]), np.array(theirs[2]), atol=1e-6)
+            outside += ours[1].item() not in ids.tolist()
+    assert outside > 20  # the next token came from outside the drafter's vocabulary, often

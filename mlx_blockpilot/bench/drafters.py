@@ -43,6 +43,9 @@ class ScriptedDraft:
     def make_cache(self) -> List[Any]:
         return self.cost_of.make_cache() if self.cost_of is not None else [PositionCache()]
 
+    def draft_ids(self) -> None:
+        return None  # the target's whole vocabulary: any true continuation can be proposed
+
     def propose(self, model, block: mx.array, context_hidden: Optional[mx.array], cache: List[Any]) -> mx.array:
         width = block.shape[1]
         if self.cost_of is not None:
@@ -56,7 +59,8 @@ class ScriptedDraft:
             tok = self.sequence[pos] if pos < len(self.sequence) else 0
             rows.append((tok + 1) % self.vocab_size if self.wrong else tok)
         logits = (mx.arange(self.vocab_size)[None] == mx.array(rows)[:, None]).astype(mx.float32) * 30.0
-        return logits + 0 * real if self.cost_of is not None else logits  # keeps the real pass in the graph
+        # 0 * (a column of the real logits) keeps the real pass in the graph
+        return logits + 0 * real[:, :1] if self.cost_of is not None else logits
 
 
 def true_continuation(draft: Drafter, sequence: Sequence[int], vocab_size: int) -> ScriptedDraft:
