@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from mlx_blockpilot.bench.drafters import true_continuation
-from mlx_blockpilot.bench.runner import profile_rounds
+from mlx_blockpilot.bench.runner import profile_rounds, run_order
 from mlx_blockpilot.cli.bench import main as bench_main
 from mlx_blockpilot.costs import read_costs, write_costs
 
@@ -38,6 +38,13 @@ def test_cli_writes_results_table_and_plots(qwen3, prompts_txt, tmp_path, monkey
     # every configuration ran on every prompt in every repeat
     assert len(res["runs"]) == len(expected - {"oracle"}) * len(PROMPTS) * 2
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 for r in res["runs"])
+    # each prompt of each repeat ran every row once, in its own order, the engine row last
+    orders = set()
+    for p, rep in [(p, rep) for p in range(len(PROMPTS)) for rep in range(2)]:
+        turn = sorted((r["position"], r["config"]) for r in res["runs"] if r["prompt"] == p and r["repeat"] == rep)
+        assert [pos for pos, _ in turn] == list(range(len(expected) - 1)) and turn[-1][1] == "engine B=3"
+        orders.add(tuple(name for _, name in turn))
+    assert len(orders) > 1
     # lossless: ours and the engine rows equal mlx-lm, the official backend equals ours
     for name in ("ours B=1", "ours B=3", "engine B=3", "dflash B=3"):
         assert rows[name]["same_tokens"] == f"{len(PROMPTS) * 2}/{len(PROMPTS) * 2}", name
@@ -62,6 +69,20 @@ def test_cli_writes_results_table_and_plots(qwen3, prompts_txt, tmp_path, monkey
     assert md in capsys.readouterr().out
     for png in ("tokens_per_s.png", "speedup_vs_block_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_take_every_place_and_every_neighbour():
+    """Over the turns of a run each row takes every place, and the row after mlx-lm changes
+    (a fixed order would give it to the same row every time); rows needing mlx-lm's tokens run last."""
+    configs = [("mlx-lm", None), ("ours B=1", 1), ("ours B=2", 2), ("ours auto", "auto"), ("engine B=2", 2)]
+    orders = [run_order(configs, turn) for turn in range(48)]
+    assert all(sorted(o, key=str) == sorted(configs, key=str) for o in orders)
+    assert all(o[-1] == ("engine B=2", 2) for o in orders)
+    for name, _ in configs[:-1]:
+        assert {[n for n, _ in o].index(name) for o in orders} == {0, 1, 2, 3}, name
+    after_mlx_lm = {o[[n for n, _ in o].index("mlx-lm") + 1][0] for o in orders}
+    assert {"ours B=1", "ours B=2", "ours auto"} <= after_mlx_lm
+    assert orders == [run_order(configs, turn) for turn in range(48)]  # seeded: a rerun runs the same orders
 
 
 def test_profile_rounds_is_lossless(qwen3):

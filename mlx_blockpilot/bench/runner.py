@@ -1,7 +1,8 @@
 """Ours side by side with mlx-lm and the official DFlash MLX backend (``python -m mlx_blockpilot.bench``).
 
-Every configuration runs on every prompt, interleaved per prompt and repeat so
-machine noise hits all rows alike:
+Every configuration runs on every prompt, interleaved per prompt and repeat, in a
+shuffled order each time (``run_order``), so machine noise and whatever one run leaves to
+the next hit all rows alike:
 
 - ``mlx-lm``: the target alone with ``mlx_lm.stream_generate`` (the baseline);
 - ``ours B=N``: our speculative decoding at each fixed block size, ``ours auto``
@@ -21,6 +22,7 @@ All rows are timed the same way from outside: prefill = call -> first token;
 decode tok/s = (tokens - 1) / (first token -> last token). Medians over repeats.
 """
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -55,6 +57,7 @@ class Run:
     policy_s: Optional[float] = None  # the policy's time after prefill ("ours auto")
     policy_share: Optional[float] = None  # policy_s / the engine's own prefill time
     check: Optional[bool] = None  # same tokens as the reference (mlx-lm for ours, ours for dflash)
+    position: Optional[int] = None  # its place in the order its prompt and repeat ran the rows in
 
 
 def timed(stream: Iterator[Any], tokens_of: Callable[[Any], List[int]]):
@@ -160,6 +163,16 @@ def profile_rounds(model, draft, tokenizer, prompt: List[int], block_size: int, 
 # ----------------------------------------------------------------------------- the benchmark
 
 
+def run_order(configs: Sequence[tuple], turn: int) -> List[tuple]:
+    """The order of the rows in ``turn`` (a prompt of a repeat): shuffled, seeded by ``turn``.
+    A fixed order gives one row the place right after mlx-lm every time (its buffers, its
+    caches, its heat); a shuffle spreads places and neighbours over all rows. ``engine``
+    rows, which need this turn's mlx-lm tokens, come last."""
+    free = [c for c in configs if not c[0].startswith("engine")]
+    random.Random(turn).shuffle(free)
+    return free + [c for c in configs if c[0].startswith("engine")]
+
+
 def _strip_eos(tokens, eos):
     return tokens[:-1] if tokens and tokens[-1] in eos else tokens
 
@@ -251,10 +264,11 @@ def run_benchmark(
             if seed is not None:
                 opts["seed"] = seed + 1000 * rep + p
             this: Dict[str, Run] = {}
-            for name, b in configs:
+            for position, (name, b) in enumerate(run_order(configs, rep * len(prompts) + p)):
                 bar.set_postfix_str(f"prompt {p} {name}")
                 res = one(name, b, prompt, this["mlx-lm"].tokens if "mlx-lm" in this else [], opts)
-                this[name] = Run(config=name, prompt=p, repeat=rep, generation_tokens=len(res["tokens"]), **res)
+                this[name] = Run(config=name, prompt=p, repeat=rep, generation_tokens=len(res["tokens"]),
+                                 position=position, **res)
                 bar.update()
             if greedy:
                 ref = _strip_eos(this["mlx-lm"].tokens, eos)
@@ -264,7 +278,7 @@ def run_benchmark(
                     elif name.startswith("dflash"):
                         ours = this.get(f"ours B={r.block_size}")
                         r.check = _strip_eos(r.tokens, eos) == _strip_eos(ours.tokens if ours else this["mlx-lm"].tokens, eos)
-            runs.extend(this.values())
+            runs.extend(this[name] for name, _ in configs)  # the tables keep the configurations' order
         if widths:  # isolated costs once per repeat, so they see the same machine load as the runs
             cost_samples.append(measure_costs(model, draft, len(prompts[0]) + max_tokens // 2, widths))
     bar.close()
