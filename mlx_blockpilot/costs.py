@@ -5,7 +5,7 @@ The per-round controller (``schedule.CostAware``) and the policy's throughput la
 acceptance into tokens per second with these costs. Measuring takes a few seconds: the
 caches are filled with placeholder (zero) keys and values to the wanted context length, since
 what attention costs does not depend on what the keys hold. The cached result is keyed by
-machine, bundle and package versions; any change measures again. ``LearnedCosts`` corrects
+machine, bundle, package versions and the code a round runs; any change measures again. ``LearnedCosts`` corrects
 the calibration by what real decoding rounds take, and keeps its corrections in the cached
 file, so a calibration taken while the machine was busy is set right for later sessions too.
 """
@@ -362,10 +362,22 @@ def machine_key() -> Dict[str, Any]:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "mlx_blockpilot": __version__,
+        "round_code": round_code(),
         # drafted rounds as one graph (a straight line by width; widths 1, 2, 4 past the shortest
         # context), plain steps pipelined, reads
         "method": 5,
     }
+
+
+def round_code() -> str:
+    """A fingerprint of the code a decoding round runs: what a round costs changes with it, and
+    the package version does not always (a checkout, an edit)."""
+    from . import cache, decode, draft, sampling, target
+
+    h = hashlib.sha256()
+    for module in (cache, decode, draft, sampling, target):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def bundle_key(bundle) -> str:

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from test_decode import make_prompt, no_eos, reference
@@ -9,7 +10,8 @@ from test_sampling import RUNS, STEPS, assert_same_distribution, exact_distribut
 from test_sampling import small_vocab  # noqa: F401
 
 from mlx_blockpilot.bench.drafters import ScriptedDraft
-from mlx_blockpilot.costs import Costs, LearnedCosts, calibrate, load_costs, measure, read_costs, write_costs
+from mlx_blockpilot.costs import (Costs, LearnedCosts, calibrate, load_costs, measure, read_costs, round_code,
+                                  write_costs)
 from mlx_blockpilot.decode import generate, generate_step
 from mlx_blockpilot.options import GenerationOptions
 from mlx_blockpilot.schedule import Acceptance, CostAware, make_schedule, session_acceptance
@@ -455,12 +457,29 @@ def test_measure_and_cache(qwen3, tmp_path):
     data["key"]["mlx"] = "0.0.0"  # measured with other software: stale
     (tmp_path / "calibration.json").write_text(json.dumps(data))
     assert load_costs(bundle) is None
+    data["key"] = dict(first.key, round_code="0" * 16)  # measured with other decoding code: stale
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
+    assert first.key["round_code"] == round_code() and load_costs(bundle) is None
     from mlx_blockpilot.api import costs_for
 
     kept = calibrate(bundle, force=True)
     write_costs(replace(kept, corrections={2: 1.3}), tmp_path / "calibration.json")
     learned = costs_for(bundle, refine=True)  # a session keeps what it learns in the bundle's calibration
     assert learned.path == tmp_path / "calibration.json" and learned.ratio(2) == pytest.approx(1.3)
+
+
+def test_the_round_code_fingerprint_follows_the_rounds_source(tmp_path, monkeypatch):
+    """An edit of a module a round runs (here: sampling) changes the fingerprint, so cached
+    costs measured with the old code are measured again."""
+    from mlx_blockpilot import sampling
+
+    before = round_code()
+    edited = tmp_path / "sampling.py"
+    edited.write_bytes(Path(sampling.__file__).read_bytes() + b"\n# edited\n")
+    monkeypatch.setattr(sampling, "__file__", str(edited))
+    assert round_code() != before
+    monkeypatch.undo()
+    assert round_code() == before
 
 
 def test_calibrate_command(qwen3, tmp_path, monkeypatch, capsys):
