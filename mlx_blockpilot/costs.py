@@ -5,9 +5,10 @@ The per-round controller (``schedule.CostAware``) and the policy's throughput la
 acceptance into tokens per second with these costs. Measuring takes a few seconds: the
 caches are filled with placeholder (zero) keys and values to the wanted context length, since
 what attention costs does not depend on what the keys hold. The cached result is keyed by
-machine, bundle, package versions and the code a round runs; any change measures again. ``LearnedCosts`` corrects
-the calibration by what real decoding rounds take, and keeps its corrections in the cached
-file, so a calibration taken while the machine was busy is set right for later sessions too.
+machine, bundle, package versions and the code a round runs; any change measures again.
+``LearnedCosts`` corrects the calibration by what real decoding rounds take, and keeps its
+corrections in the cached file, so a calibration taken while the machine was busy is set
+right for later sessions too.
 """
 
 import hashlib
@@ -275,7 +276,8 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                 graph with one sync, as a decoding round runs them), then taken back."""
                 replay = []
                 if draft_of is not None:
-                    drafted = target_tokens(draft.draft_ids(), mx.argmax(draft.propose(model, draft_of, ctx, dcache), axis=-1))
+                    choices = mx.argmax(draft.propose(model, draft_of, ctx, dcache), axis=-1)
+                    drafted = target_tokens(draft.draft_ids(), choices)
                     tokens = mx.concatenate([tokens[:, :1], drafted[None].astype(tokens.dtype)], axis=1)
                 logits, h = target.forward(model, tokens, caches, ids, replay)
                 mx.eval(logits, h)
