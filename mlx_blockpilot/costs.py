@@ -31,6 +31,7 @@ from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from . import target
 from .draft import target_tokens
 from .errors import BlockPilotError
+from .sampling import greedy_drafts
 
 CALIBRATION_FILE = "calibration.json"
 WIDTHS = (1, 2, 3, 4, 8)
@@ -276,7 +277,7 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                 graph with one sync, as a decoding round runs them), then taken back."""
                 replay = []
                 if draft_of is not None:
-                    choices = mx.argmax(draft.propose(model, draft_of, ctx, dcache), axis=-1)
+                    choices = greedy_drafts(draft.propose(model, draft_of, ctx, dcache))
                     drafted = target_tokens(draft.draft_ids(), choices)
                     tokens = mx.concatenate([tokens[:, :1], drafted[None].astype(tokens.dtype)], axis=1)
                 logits, h = target.forward(model, tokens, caches, ids, replay)

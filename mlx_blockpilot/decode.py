@@ -23,7 +23,7 @@ from . import target
 from .cache import PromptCache, make_cache
 from .options import PREFILL_STEP_SIZE, GenerationOptions, check_prompt_length
 from .draft import target_tokens
-from .sampling import accept_greedy, accept_sampled, greedy_tokens, sample_draft, sample_target
+from .sampling import accept_greedy, accept_sampled, greedy_drafts, greedy_tokens, sample_draft, sample_target
 from .schedule import choose_block_size, make_schedule
 
 __all__ = ["GenerationResponse", "Prefill", "PromptCache", "Step", "generate", "generate_step", "make_cache",
@@ -115,7 +115,7 @@ def _round(model, draft, cache: PromptCache, last: Union[int, mx.array], width: 
         logits = draft.propose(model, block, cache.take_pending(), cache.draft)
         ids = draft.draft_ids()
         if opts.greedy:
-            choices = greedy_tokens(logits)
+            choices = greedy_drafts(logits)
         else:
             key, draft_key = mx.random.split(key)
             choices, draft_probs = sample_draft(logits, opts, draft_key)

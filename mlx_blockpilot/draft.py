@@ -270,14 +270,21 @@ class DraftLayer(nn.Module):
 
 
 class ReducedHead:
-    """The target head's rows of a reduced draft vocabulary, gathered once per target model."""
+    """A reduced draft vocabulary's target ids, built once per ``d2t`` table, and the target
+    head's rows of them, gathered once per target model and table."""
 
     def __init__(self):
-        self.model = self.rows = None
+        self.d2t = self.ids = self.model = self.rows_of = self.rows = None
 
-    def __call__(self, model: nn.Module, ids: mx.array, h: mx.array) -> mx.array:
-        if self.model is not model:
-            self.model, self.rows = model, target.head_rows(model, ids)
+    def target_ids(self, d2t: mx.array) -> mx.array:
+        if self.d2t is not d2t:
+            self.d2t, self.ids = d2t, (mx.arange(d2t.size) + d2t).astype(mx.int32)
+        return self.ids
+
+    def __call__(self, model: nn.Module, d2t: mx.array, h: mx.array) -> mx.array:
+        ids = self.target_ids(d2t)
+        if self.model is not model or self.rows_of is not ids:
+            self.model, self.rows_of, self.rows = model, ids, target.head_rows(model, ids)
         return self.rows(h)
 
 
@@ -311,14 +318,14 @@ class DFlashDraft(nn.Module):
         """The target ids the head covers (in draft id order), or None for the full vocabulary."""
         if self.config.draft_vocab_size is None:
             return None
-        return (mx.arange(self.config.draft_vocab_size) + self.d2t).astype(mx.int32)
+        return self.reduced_head.target_ids(self.d2t)
 
     def head(self, model: nn.Module, h: mx.array) -> mx.array:
         """Logits over the drafter's vocabulary: the target's head (restricted to ``draft_ids``),
         then ``output_multiplier`` and ``final_logit_softcapping``."""
         if self.config.draft_vocab_size is None:
             return self.finish_logits(target.lm_head(model, h))
-        return self.finish_logits(self.reduced_head(model, self.draft_ids(), h))
+        return self.finish_logits(self.reduced_head(model, self.d2t, h))
 
     def embed(self, model: nn.Module, tokens: mx.array) -> mx.array:
         """Block embeddings: the target's, times ``input_embedding_scale``."""

@@ -49,6 +49,13 @@ def sample_draft(logits: mx.array, params: GenerationOptions, key: mx.array) -> 
     return mx.random.categorical(s, key=key), mx.softmax(s, axis=-1)
 
 
+def greedy_drafts(logits: mx.array) -> mx.array:
+    """The drafter's greedy choices: the argmax of its logits. Which tokens a drafter proposes
+    never changes the output (the target verifies them), so no log-sum-exp here: over the demo
+    drafter's 8,192 columns it cost ~5x the argmax itself."""
+    return mx.argmax(logits, axis=-1)
+
+
 def greedy_tokens(logits: mx.array) -> mx.array:
     """Argmax of the log-probabilities, computed exactly as mlx-lm's greedy sampler sees them."""
     return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
@@ -85,7 +92,7 @@ def accept_sampled(
     """
     accept_key, next_key = mx.random.split(key)
     p = probabilities(target_logits, params)
-    p_of_drafts = p if draft_ids is None else p[:, draft_ids]  # p on the drafter's vocabulary
+    p_of_drafts = p if draft_ids is None else _columns(p, draft_ids)  # p on the drafter's vocabulary
     n = draft_choices.shape[0]
     p_draft = mx.take_along_axis(p_of_drafts[:n], draft_choices[:, None], axis=-1)[:, 0]
     q_draft = mx.take_along_axis(draft_probs, draft_choices[:, None], axis=-1)[:, 0]
@@ -96,15 +103,19 @@ def accept_sampled(
         p_a = p[a]
         residual = mx.maximum(p_of_drafts[a] - q_padded[a], 0.0)
         if draft_ids is not None:  # outside the drafter's vocabulary the residual is p itself
-            full = p[a]
-            full[draft_ids] = residual
-            residual = full
+            residual = mx.put_along_axis(p_a, draft_ids, residual, axis=0)
         total = residual.sum()
         residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p_a)
         return sample(residual, next_key)
 
     accepted, nxt = _prefix_and_next(u * q_draft < p_draft, next_token)
     return accepted, nxt, mx.minimum(p_of_drafts[:n], draft_probs).sum(axis=-1)
+
+
+def _columns(x: mx.array, ids: mx.array) -> mx.array:
+    """``x[:, ids]`` as ``take_along_axis``, which MLX's CPU backend runs ~3x faster than the
+    general gather that indexing uses (this CPU: 61 against 254 us for 2 x 8,192 of 49,152)."""
+    return mx.take_along_axis(x, mx.broadcast_to(ids, (x.shape[0], ids.size)), axis=-1)
 
 
 def _prefix_and_next(matches: mx.array, next_token) -> Tuple[mx.array, mx.array]:

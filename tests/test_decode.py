@@ -262,6 +262,14 @@ def test_reduced_draft_vocabulary_is_lossless(qwen3, tmp_path):
         ref = reference(qwen3.model, prompt)
         for block in (2, 4, 7):
             assert generate(qwen3.model, draft, tok, prompt, block_size=block, max_tokens=MAX).tokens == ref, (length, block)
+    # The ids and the head's rows are built once and kept; a new table is a new vocabulary.
+    assert draft.draft_ids() is draft.draft_ids()
+    other = [i + 1 for i in ids]
+    draft.load_weights([("d2t", mx.array(np.array(other) - np.arange(len(ids)), dtype=mx.int64))], strict=False)
+    assert draft.draft_ids().tolist() == other
+    h = draft(draft.embed(qwen3.model, mx.array([[7] + [qwen3.mask_id] * 4])), mx.zeros((1, 3, 2 * qwen3.cfg["hidden_size"])))[0, 1:]
+    np.testing.assert_allclose(np.array(draft.head(qwen3.model, h)), np.array(target.lm_head(qwen3.model, h))[:, other],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_bad_draft_vocabulary_tables_are_refused(qwen3, tmp_path):
