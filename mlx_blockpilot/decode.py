@@ -286,6 +286,7 @@ class GenerationResponse:
     generation_tokens: int
     block_size: int
     acceptance_lengths: List[int]
+    round_widths: List[int]  # each round's block size (the controller may change it)
     prefill_s: float
     decode_tokens_per_s: float
     policy_s: float = 0.0
@@ -332,6 +333,7 @@ def stream_generate(
     detokenizer.reset()
 
     lengths: List[int] = []
+    widths: List[int] = []
     n = 0
     tic = time.perf_counter()
     first = None
@@ -342,6 +344,7 @@ def stream_generate(
             tic = time.perf_counter()
         elif step.tokens:
             lengths.append(len(step.tokens))
+            widths.append(step.width)
         n += len(step.tokens)
         for t in step.tokens:
             if t not in eos:
@@ -356,6 +359,7 @@ def stream_generate(
             generation_tokens=n,
             block_size=first.block_size,
             acceptance_lengths=list(lengths),
+            round_widths=list(widths),
             prefill_s=first.prefill.seconds,
             decode_tokens_per_s=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
             policy_s=first.policy_s,

@@ -290,6 +290,7 @@ def stats(r) -> Dict[str, Any]:
         "block_size": r.block_size,
         "mean_acceptance": round(r.mean_acceptance, 4),
         "acceptance_lengths": r.acceptance_lengths,
+        "round_widths": r.round_widths,
         "prefill_s": round(r.prefill_s, 4),
         "policy_s": round(r.policy_s, 4),
         "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),

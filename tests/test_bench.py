@@ -186,6 +186,18 @@ def test_categories_long_contexts_and_the_controller(qwen3, prompts_txt, tmp_pat
         assert {"ours B=1", "ours B=3", "ours control", "oracle"} <= set(c["rows"])
     rows = {r["config"]: r for r in res["table"]}
     assert rows["ours control"]["same_tokens"] == "5/5"
+    # which widths the controller ran: every round counted once, shares of all rounds
+    control = [r for r in res["runs"] if r["config"] == "ours control"]
+    counted = {}
+    for r in control:
+        assert sum(r["widths"].values()) == r["rounds"]
+        for w, n in r["widths"].items():
+            counted[w] = counted.get(w, 0) + n
+    shares = rows["ours control"]["rounds_by_width"]
+    assert shares == pytest.approx({w: n / sum(counted.values()) for w, n in counted.items()})
+    fixed = [r["widths"] for r in res["runs"] if r["config"] == "ours B=3"]  # narrower only where max_tokens cuts
+    assert all(max(map(int, w)) == 3 and w["3"] >= 3 for w in fixed)
+    assert "rounds at B=" in (out / "results.md").read_text()
     assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 1  # no bundle folder: the user cache
     assert "calibrating" in capsys.readouterr().err
     assert (out / "speedup_vs_context.png").read_bytes()[:4] == b"\x89PNG"

@@ -36,6 +36,8 @@ def test_json_output_is_lossless_subprocess(qwen3):
     for key in ("text", "prompt_tokens", "generation_tokens", "block_size", "acceptance_lengths",
                 "mean_acceptance", "prefill_s", "decode_tokens_per_s"):
         assert key in data
+    assert len(data["round_widths"]) == len(data["acceptance_lengths"])
+    assert all(a <= w for a, w in zip(data["acceptance_lengths"], data["round_widths"]))
     assert data["prompt_tokens"] == len(ids) and data["block_size"] == 5
     assert data["generation_tokens"] == len(ref)
 

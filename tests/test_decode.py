@@ -45,6 +45,9 @@ def test_greedy_equals_mlx_lm_all_block_sizes(tiny, length):
         assert r.generation_tokens == MAX
         assert sum(r.acceptance_lengths) == MAX - 1
         assert all(1 <= a <= block for a in r.acceptance_lengths)
+        # each round's width: the block, or what max_tokens leaves room for (the prefill gave one token)
+        room = [MAX - 1 - sum(r.acceptance_lengths[:i]) for i in range(len(r.acceptance_lengths))]
+        assert r.round_widths == [min(block, left) for left in room]
 
 
 @pytest.mark.parametrize("block", [2, 5, 16])

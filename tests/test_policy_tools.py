@@ -301,6 +301,8 @@ def test_refine_is_lossless(qwen3, block):
     assert r.tokens == ref
     grown = [min(block + i, block + 2) for i in range(len(r.acceptance_lengths))]
     assert r.acceptance_lengths[:-1] == grown[:-1] and r.acceptance_lengths[-1] <= grown[-1]
+    room = [30 - 1 - sum(r.acceptance_lengths[:i]) for i in range(len(r.acceptance_lengths))]
+    assert r.round_widths == [min(g, left) for g, left in zip(grown, room)]  # as the rule grew it, within max_tokens
 
 
 def exact_last_pair(model, prompt, steps):

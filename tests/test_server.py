@@ -130,6 +130,8 @@ def test_openai_client_chat_and_completions(server, llama):
         ext = r.model_extra["blockpilot"]
         assert ext["block_size"] == llama.draft.config.block_size
         assert sum(ext["acceptance_lengths"]) == n - 1 and ext["mean_acceptance"] >= 1
+        assert len(ext["round_widths"]) == len(ext["acceptance_lengths"])
+        assert max(ext["round_widths"]) <= llama.draft.config.block_size
 
         stream = client.chat.completions.create(model="any", messages=[{"role": "user", "content": prompt}],
                                                 max_tokens=24, temperature=0, stream=True,

@@ -66,6 +66,8 @@ def summarize(runs: List[Any], costs, profile, n_prompts: int, settings, categor
         }
         if name == "oracle":
             row["chosen_block_sizes"] = [x["block_size"] for x in pp]
+        if name.startswith(("ours auto", "ours control")):
+            row["rounds_by_width"] = rounds_by_width([r for r in runs if r.config == name])
         if name.startswith("ours auto"):
             row["chosen_block_sizes"] = [x["block_size"] for x in pp]
             mine = [r for r in runs if r.config == name]
@@ -85,6 +87,17 @@ def summarize(runs: List[Any], costs, profile, n_prompts: int, settings, categor
         "profile": profile,
         "runs": [asdict(r) for r in runs],
     }
+
+
+def rounds_by_width(runs: List[Any]) -> Dict[int, float]:
+    """The share of all rounds of ``runs`` run at each block size (the per-round controller
+    picks each round's width; a fixed size runs one)."""
+    counts: Dict[int, int] = {}
+    for r in runs:
+        for w, n in (r.widths or {}).items():
+            counts[int(w)] = counts.get(int(w), 0) + n
+    total = sum(counts.values())
+    return {w: counts[w] / total for w in sorted(counts)} if total else {}
 
 
 def by_category(per_prompt, names, categories, prompt_lengths) -> Dict[str, Any]:
@@ -123,6 +136,8 @@ def markdown(results: Dict[str, Any]) -> str:
         notes = []
         if "chosen_block_sizes" in r:
             notes.append("sizes " + ",".join(str(b) for b in r["chosen_block_sizes"]))
+        if r.get("rounds_by_width"):
+            notes.append("rounds at B=" + ", ".join(f"{w}: {s:.0%}" for w, s in r["rounds_by_width"].items()))
         if "policy_ms" in r:
             notes.append(f"policy {r['policy_ms']:.2f} ms = {r['policy_share_of_prefill']:.2%} of prefill")
         if "bound_tokens_per_s" in r:

@@ -23,6 +23,7 @@ decode tok/s = (tokens - 1) / (first token -> last token). Medians over repeats.
 """
 
 import random
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -58,6 +59,7 @@ class Run:
     policy_share: Optional[float] = None  # policy_s / the engine's own prefill time
     check: Optional[bool] = None  # same tokens as the reference (mlx-lm for ours, ours for dflash)
     position: Optional[int] = None  # its place in the order its prompt and repeat ran the rows in
+    widths: Optional[Dict[int, int]] = None  # rounds by block size (ours)
 
 
 def timed(stream: Iterator[Any], tokens_of: Callable[[Any], List[int]]):
@@ -104,7 +106,7 @@ def run_ours(model, draft, tokenizer, prompt, opts, block_size, policy=None, ref
     tokens, prefill, tps, r = timed(stream, lambda r: r.tokens)
     return dict(
         tokens=tokens, prefill_s=prefill, decode_tokens_per_s=tps, block_size=r.block_size,
-        mean_acceptance=r.mean_acceptance, rounds=len(r.acceptance_lengths),
+        mean_acceptance=r.mean_acceptance, rounds=len(r.acceptance_lengths), widths=dict(Counter(r.round_widths)),
         policy_s=r.policy_s if policy is not None and block_size == "auto" else None,
         policy_share=r.policy_s / r.prefill_s if policy is not None and block_size == "auto" and r.prefill_s else None,
     )

@@ -35,6 +35,7 @@ def response_json(r, bundle) -> dict:
         "finish_reason": r.finish_reason,
         "block_size": r.block_size,
         "acceptance_lengths": r.acceptance_lengths,
+        "round_widths": r.round_widths,
         "mean_acceptance": r.mean_acceptance,
         "prefill_s": r.prefill_s,
         "policy_s": r.policy_s,
