@@ -299,9 +299,11 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
                 mx.eval(draft.propose(model, block, ctx, dcache))
                 trim_prompt_cache(dcache, 1)
 
-            if not any(d_row):
-                draft_pass()  # warm-up
+            # Each width warmed up first: a shape's first pass allocates its buffers, and timed cold
+            # (one sample) it put B=2 at 1.41-1.46 plain steps where decoding rounds took 1.29.
+            draft_pass()
             d_row.append(_median_s(draft_pass, reps))
+            verify(draft_of=block)
             # the verify pass's share of a whole round (draft and verify in one graph)
             v_row.append(max(0.0, _median_s(lambda: verify(draft_of=block), reps) - d_row[-1]))
         # Plain steps are timed pipelined, drafted rounds as one graph each: a line through the latter.
@@ -366,9 +368,9 @@ def machine_key() -> Dict[str, Any]:
         "mlx_lm": mlx_lm.__version__,
         "mlx_blockpilot": __version__,
         "round_code": round_code(),
-        # drafted rounds as one graph (a straight line by width; widths 1, 2, 4 past the shortest
-        # context), plain steps pipelined, reads
-        "method": 5,
+        # drafted rounds as one graph, each width warmed up (a straight line by width; widths 1, 2,
+        # 4 past the shortest context), plain steps pipelined, reads
+        "method": 6,
     }
 
 
