@@ -23,8 +23,8 @@ decode tok/s = (tokens - 1) / (first token -> last token). Medians over repeats.
 """
 
 import random
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
