@@ -98,29 +98,64 @@ class LearnedCosts:
     not outlast the rounds that contradict it). With ``path`` (the calibration's file), a width's ratio is
     written back as its correction once ``keep_after`` rounds of this session timed it and it
     moved more than ``tolerance`` from the kept one: the next session starts from it.
+
+    The machine's load comes and goes over seconds (here: spells of every round 1.2-1.5x
+    slower), so a width's rounds timed in a spell and never since would price it wrongly for
+    the rest of the session. A round timed here is forgotten once ``max_age`` more rounds have
+    been timed (of any width; time between generations does not count): a width with none
+    left is priced like its timed neighbours (``ratio``), and ``recent`` tells the controller
+    to time it again.
     """
 
     def __init__(self, costs: Costs, window: int = 25, path=None, keep_after: int = 8,
-                 tolerance: float = 0.05, prior: int = 5):
+                 tolerance: float = 0.05, prior: int = 5, max_age: int = 256):
         self.costs, self.window, self.path = costs, window, Path(path) if path else None
-        self.keep_after, self.tolerance = keep_after, tolerance
+        self.keep_after, self.tolerance, self.max_age = keep_after, tolerance, max_age
         self.samples: Dict[int, Deque[float]] = {w: deque([r] * prior, maxlen=window)
                                                  for w, r in costs.corrections.items()}
+        # when each sample was timed (``clock``); None for the kept correction's copies, which do not age
+        self.born: Dict[int, Deque[Optional[int]]] = {w: deque([None] * prior, maxlen=window)
+                                                      for w in costs.corrections}
         self.inherited: Dict[int, int] = {w: prior for w in costs.corrections}  # kept copies left in samples
         self.ratios: Dict[int, float] = dict(costs.corrections)  # width -> median of its samples
         self.fresh: Dict[int, int] = {}  # width -> rounds timed here
+        self.clock = 0  # rounds timed so far (a plain run timed as a whole counts its rounds)
 
-    def observe(self, width: int, context: int, seconds: float) -> None:
-        """A round of ``width`` with ``context`` tokens cached took ``seconds``."""
+    def observe(self, width: int, context: int, seconds: float, rounds: int = 1) -> None:
+        """A round of ``width`` with ``context`` tokens cached took ``seconds`` (the mean of
+        ``rounds`` rounds timed together)."""
+        self.clock += rounds
+        self.forget()
         samples = self.samples.setdefault(width, deque(maxlen=self.window))
+        born = self.born.setdefault(width, deque(maxlen=self.window))
         if self.inherited.get(width):  # the round replaces a copy of the kept correction (the oldest samples)
             samples.popleft()
+            born.popleft()
             self.inherited[width] -= 1
         samples.append(seconds / self.costs.round_s(width, context))
+        born.append(self.clock)
         self.ratios[width] = statistics.median(samples)
         self.fresh[width] = self.fresh.get(width, 0) + 1
         if self.path is not None and self.worth_keeping(width):  # (only this width's ratio moved)
             self.keep()
+
+    def forget(self) -> None:
+        """Drop the samples timed more than ``max_age`` rounds ago."""
+        for width in list(self.samples):
+            kept = [(r, t) for r, t in zip(self.samples[width], self.born[width])
+                    if t is None or self.clock - t <= self.max_age]
+            if len(kept) == len(self.samples[width]):
+                continue
+            if not kept:
+                del self.samples[width], self.born[width], self.ratios[width]
+                continue
+            self.samples[width] = deque([r for r, _ in kept], maxlen=self.window)
+            self.born[width] = deque([t for _, t in kept], maxlen=self.window)
+            self.ratios[width] = statistics.median(self.samples[width])
+
+    def recent(self, width: int) -> int:
+        """How many of the rounds timed in the last ``max_age`` were at ``width``."""
+        return sum(t is not None and self.clock - t <= self.max_age for t in self.born.get(width, ()))
 
     def worth_keeping(self, width: int) -> bool:
         """``width`` was timed ``keep_after`` times here and moved more than ``tolerance``

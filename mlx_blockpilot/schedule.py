@@ -132,9 +132,9 @@ class CostAware(Fixed):
     already steer). With ``costs.round_s`` from calibration, a width ``w`` is worth
     ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens per second; width 1 is
     plain decoding. With ``costs.LearnedCosts`` the rounds' times (``observe``) correct
-    the calibration, and a drafting width next to the best one that this session timed fewer
-    than ``explore`` times is tried (its cost may be a stale correction of an earlier session's
-    load, and a width believed too dear is otherwise never timed). Plain rounds teach nothing about drafting,
+    the calibration, and a drafting width next to the best one that was timed fewer than
+    ``explore`` times lately is tried (its cost may be a stale correction of an earlier
+    session's load or of a slow spell, and a width believed too dear is otherwise never timed). Plain rounds teach nothing about drafting,
     so after ``probe_every`` of them one round drafts again at the best drafting width;
     where a drafted round costs much more than a plain step (long context), probes are
     spaced so that they cost at most ``probe_budget`` of the time even when they fail.
@@ -251,24 +251,25 @@ class CostAware(Fixed):
                 stretch.window_s, stretch.window = stretch.window_s + seconds, stretch.window + 1
             stretch.seconds, stretch.rounds = stretch.seconds + seconds, stretch.rounds + 1
             if stretch.window == self.plain_window:
-                self.costs.observe(1, stretch.window_context, stretch.window_s / stretch.window)
+                self.costs.observe(1, stretch.window_context, stretch.window_s / stretch.window, stretch.window)
                 stretch.window_s, stretch.window, stretch.sampled = 0.0, 0, True
             return
         if stretch is not None:
             if not stretch.sampled:
-                self.costs.observe(1, stretch.context, stretch.seconds / stretch.rounds)
+                self.costs.observe(1, stretch.context, stretch.seconds / stretch.rounds, stretch.rounds)
             self.stretch = None
         rest = seconds - self.costs.catch_up_s(unread)
         if before is not None and rest > 0:
             self.costs.observe(width, context, rest)
 
     def explored(self, width: int) -> int:
-        """``width``, or a drafting width next to it that this session timed fewer than
-        ``explore`` times (and this generation tried fewer: profiling times nothing)."""
+        """``width``, or a drafting width next to it that was timed fewer than ``explore``
+        times lately (``LearnedCosts.recent``; and this generation tried fewer: profiling times
+        nothing)."""
         if not isinstance(self.costs, LearnedCosts):
             return width
         for w in (width - 1, width + 1):
-            if 2 <= w <= self.max_width and max(self.costs.fresh.get(w, 0), self.tried.get(w, 0)) < self.explore:
+            if 2 <= w <= self.max_width and max(self.costs.recent(w), self.tried.get(w, 0)) < self.explore:
                 self.tried[w] = self.tried.get(w, 0) + 1
                 return w
         return width

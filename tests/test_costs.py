@@ -174,6 +174,27 @@ def test_learned_costs_follow_timed_rounds():
     assert learned.catch_up_s(100) == c.catch_up_s(100)
 
 
+def test_learned_costs_forget_rounds_timed_long_ago():
+    """A round is forgotten after ``max_age`` more rounds of any width (a plain run counts its
+    rounds); a kept correction does not age; a width with nothing left is priced like its timed
+    neighbours."""
+    c = costs()
+    learned = LearnedCosts(replace(c, corrections={8: 1.5}), max_age=10)
+    for _ in range(3):  # width 2 timed in a slow spell (rounds 1 to 3)
+        learned.observe(2, 100, 2 * c.round_s(2, 100))
+    assert learned.ratio(2) == pytest.approx(2.0) and learned.recent(2) == 3
+    learned.observe(4, 100, 1.1 * c.round_s(4, 100))
+    learned.observe(1, 100, c.round_s(1, 100), rounds=7)  # a plain run of 7 rounds timed as one (to round 11)
+    assert learned.ratio(2) == pytest.approx(2.0) and learned.recent(2) == 3  # 10 rounds after the first
+    learned.observe(1, 100, c.round_s(1, 100))
+    assert learned.recent(2) == 2 and learned.ratio(2) == pytest.approx(2.0)  # 11: the first one gone
+    learned.observe(1, 100, c.round_s(1, 100), rounds=2)
+    assert 2 not in learned.samples and learned.recent(2) == 0
+    assert learned.ratio(2) == pytest.approx(1.0 + 0.1 / 3)  # between plain (1.0) and width 4 (1.1)
+    assert learned.ratio(8) == pytest.approx(1.5) and learned.recent(8) == 0  # kept: not aged, not timed here
+    assert learned.fresh[2] == 3  # what this session timed, for keeping: unchanged
+
+
 def test_learned_costs_are_kept_for_the_next_session(tmp_path):
     path = tmp_path / "calibration.json"
     c = costs()  # a calibration taken while the machine was busy: width 4 really costs twice as much
@@ -261,6 +282,46 @@ def test_a_stale_kept_correction_is_tried_and_outvoted():
     assert learned.ratio(2) == pytest.approx(1.0) and widths[-50:] == [2] * 50
     widths, learned = run(1, committed=1)  # every draft rejected: plain decoding, and probes
     assert learned.ratio(2) == pytest.approx(1.0) and widths.count(2) >= 3 and widths[-50:].count(1) > 40
+
+
+def test_a_width_timed_in_a_slow_spell_is_timed_again_later():
+    """Width 2 was timed while the machine was slow (every round twice its cost) and is the
+    best width at normal load: once those rounds are forgotten it is tried again and kept."""
+
+    def run(max_age):
+        learned = LearnedCosts(costs(), max_age=max_age)
+        for _ in range(6):
+            learned.observe(2, 100, 2 * costs().round_s(2, 100))
+        s = CostAware(3, learned, 8, context=100, remaining=10_000, trust=0.0)
+        widths = []
+        for _ in range(300):
+            w = s.width
+            s.update(min(w, 2), w)  # the first draft always accepted, never a second: width 2 is best
+            s.observe(costs().round_s(w, 100))
+            widths.append(w)
+        return widths, learned
+
+    widths, learned = run(max_age=10 ** 9)  # never forgotten: width 2 stays priced at the spell's cost
+    assert learned.ratio(2) == pytest.approx(2.0) and widths[-50:].count(2) == 0
+    widths, learned = run(max_age=64)
+    assert learned.ratio(2) == pytest.approx(1.0) and widths[-50:] == [2] * 50
+
+
+def test_neighbours_timed_long_ago_are_timed_again():
+    learned = LearnedCosts(costs(), max_age=20)
+    for w in (2, 4):  # an earlier generation timed both neighbours of width 3
+        for _ in range(5):
+            learned.observe(w, 100, costs().round_s(w, 100))
+    seen = Acceptance(0.995, hits=[100, 100, 0], seen=[100, 100, 100])  # two drafts kept, never a third
+    s = CostAware(3, learned, 8, context=100, remaining=10_000, trust=0.0, acceptance=seen)
+    widths = []
+    for _ in range(60):
+        w = s.width
+        s.update(min(w, 3), w)  # as the session saw: width 3 is best
+        s.observe(costs().round_s(w, 100))
+        widths.append(w)
+    assert widths[:10] == [3] * 10  # timed lately: not tried
+    assert widths.count(2) == 3 and widths.count(4) == 3  # forgotten: tried again (a generation's `explore`)
 
 
 def test_neighbours_are_tried_a_few_times_per_generation_when_nothing_is_timed():
