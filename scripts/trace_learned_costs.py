@@ -25,15 +25,15 @@ FIXED = (1, 2, 3)
 
 
 class RecordedCosts(LearnedCosts):
-    """LearnedCosts that also keeps every observation ``(width, context, seconds)``."""
+    """LearnedCosts that also keeps every observation ``(width, context, seconds, rounds)``."""
 
     def __init__(self, costs):
         super().__init__(costs)
         self.log = []
 
-    def observe(self, width, context, seconds):
-        self.log.append((width, context, seconds))
-        super().observe(width, context, seconds)
+    def observe(self, width, context, seconds, rounds=1):
+        self.log.append((width, context, seconds, rounds))
+        super().observe(width, context, seconds, rounds)
 
 
 def run(bundle, ids, max_tokens, **kw):
@@ -67,7 +67,7 @@ def main(argv=None):
         print(i, {k: round(v[-1]["tps"], 2) for k, v in rows.items()}, flush=True)
         for w in FIXED:
             fixed = rows[f"B={w}"][-1]
-            mine = [s / costs.round_s(ww, c) for ww, c, s in learned.log[seen:] if ww == w]
+            mine = [s / costs.round_s(ww, c) for ww, c, s, _ in learned.log[seen:] if ww == w]
             if mine:
                 print(f"   w={w}: fixed ratio {fixed['round_s'] / costs.round_s(w, fixed['ctx']):.3f}"
                       f"  controller samples n={len(mine)} median {statistics.median(mine):.3f}")
