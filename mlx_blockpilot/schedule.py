@@ -134,10 +134,11 @@ class CostAware(Fixed):
     plain decoding. With ``costs.LearnedCosts`` the rounds' times (``observe``) correct
     the calibration, and a drafting width next to the best one that was timed fewer than
     ``explore`` times lately is tried (its cost may be a stale correction of an earlier
-    session's load or of a slow spell, and a width believed too dear is otherwise never timed). Plain rounds teach nothing about drafting,
-    so after ``probe_every`` of them one round drafts again at the best drafting width;
-    where a drafted round costs much more than a plain step (long context), probes are
-    spaced so that they cost at most ``probe_budget`` of the time even when they fail.
+    session's load or of a slow spell, and a width believed too dear is otherwise never timed).
+    Plain rounds teach nothing about drafting, so after ``probe_every`` of them one round drafts
+    again at the best drafting width; where a drafted round costs much more than a plain step
+    (long context), probes are spaced so that they cost at most ``probe_budget`` of the time
+    even when they fail.
 
     A drafted round after plain ones first has the drafter read the ``unread`` features
     it has not seen (after a long prompt: all of them, ``costs.catch_up_s``). Drafting
