@@ -154,8 +154,9 @@ class LearnedCosts:
             self.ratios[width] = statistics.median(self.samples[width])
 
     def recent(self, width: int) -> int:
-        """How many of the rounds timed in the last ``max_age`` were at ``width``."""
-        return sum(t is not None and self.clock - t <= self.max_age for t in self.born.get(width, ()))
+        """How many of the rounds timed in the last ``max_age`` were at ``width`` (``forget``
+        ran when the clock last moved: the session's samples left are those)."""
+        return sum(t is not None for t in self.born.get(width, ()))
 
     def worth_keeping(self, width: int) -> bool:
         """``width`` was timed ``keep_after`` times here and moved more than ``tolerance``
