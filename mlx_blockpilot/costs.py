@@ -31,12 +31,14 @@ from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from . import target
 from .draft import target_tokens
 from .errors import BlockPilotError
-from .sampling import greedy_drafts
+from .options import GenerationOptions
+from .sampling import accept_greedy, accept_sampled, greedy_drafts, sample_draft, sample_target
 
 CALIBRATION_FILE = "calibration.json"
 WIDTHS = (1, 2, 3, 4, 8)
 CONTEXTS = (256, 2048, 8192)
 LONG_WIDTHS = (2, 4)  # drafted widths timed past the shortest context (their passes take most of the time)
+SAMPLING = GenerationOptions(temperature=1.0)  # what sampling adds to a round does not depend on the temperature
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Costs:
     verify_s: List[List[float]]
     draft_s: List[List[float]]
     read_s: List[float] = field(default_factory=list)  # the drafter reading a context's features at once
+    # what sampling (T > 0) adds to a round, by width: softmaxes over the vocabulary per verified
+    # position, the same at any context length
+    sample_s: List[float] = field(default_factory=list)
     key: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # how long measuring took
     # measured / calibrated round cost by width, learned from decoding rounds (``LearnedCosts``)
@@ -56,10 +61,12 @@ class Costs:
     def _at(self, table: List[List[float]], width: int, context: int) -> float:
         return _interpolate(self.contexts, [_interpolate(self.widths, row, width) for row in table], context)
 
-    def round_s(self, width: int, context: int) -> float:
-        """One round at ``width`` with ``context`` tokens cached (width 1: a plain decoding step)."""
+    def round_s(self, width: int, context: int, sampled: bool = False) -> float:
+        """One round at ``width`` with ``context`` tokens cached (width 1: a plain decoding step),
+        ``sampled`` (T > 0) or greedy."""
         verify = self._at(self.verify_s, width, context)
-        return verify if width <= 1 else verify + self._at(self.draft_s, width, context)
+        extra = _interpolate(self.widths, self.sample_s, width) if sampled and self.sample_s else 0.0
+        return extra + (verify if width <= 1 else verify + self._at(self.draft_s, width, context))
 
     def catch_up_s(self, unread: int) -> float:
         """The drafter reading ``unread`` features it has not seen (the prompt's, or those of
@@ -73,7 +80,8 @@ class Costs:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Costs":
-        fields = {k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "key", "seconds") if k in d}
+        fields = {k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "sample_s", "key", "seconds")
+                  if k in d}
         corrections = {int(w): float(r) for w, r in d.get("corrections", {}).items()}  # JSON keys are strings
         return cls(**fields, corrections=corrections)
 
@@ -121,9 +129,9 @@ class LearnedCosts:
         self.fresh: Dict[int, int] = {}  # width -> rounds timed here
         self.clock = 0  # rounds timed so far (a plain run timed as a whole counts its rounds)
 
-    def observe(self, width: int, context: int, seconds: float, rounds: int = 1) -> None:
+    def observe(self, width: int, context: int, seconds: float, rounds: int = 1, sampled: bool = False) -> None:
         """A round of ``width`` with ``context`` tokens cached took ``seconds`` (the mean of
-        ``rounds`` rounds timed together)."""
+        ``rounds`` rounds timed together; ``sampled``: at T > 0)."""
         self.clock += rounds
         self.forget()
         samples = self.samples.setdefault(width, deque(maxlen=self.window))
@@ -132,7 +140,7 @@ class LearnedCosts:
             samples.popleft()
             born.popleft()
             self.inherited[width] -= 1
-        samples.append(seconds / self.costs.round_s(width, context))
+        samples.append(seconds / self.costs.round_s(width, context, sampled))
         born.append(self.clock)
         self.ratios[width] = statistics.median(samples)
         self.fresh[width] = self.fresh.get(width, 0) + 1
@@ -193,8 +201,8 @@ class LearnedCosts:
         timed = sorted(self.ratios)
         return _interpolate(timed, [self.ratios[w] for w in timed], width, extend=False)
 
-    def round_s(self, width: int, context: int) -> float:
-        return self.costs.round_s(width, context) * self.ratio(width)
+    def round_s(self, width: int, context: int, sampled: bool = False) -> float:
+        return self.costs.round_s(width, context, sampled) * self.ratio(width)
 
     def catch_up_s(self, unread: int) -> float:
         return self.costs.catch_up_s(unread)
@@ -236,6 +244,36 @@ def _median_s(fn: Callable[[], None], reps: int) -> float:
     return statistics.median(times)
 
 
+def _sampling_s(model, draft, width: int, reps: int) -> float:
+    """What sampling adds to a round of ``width``: its draws and ``accept_sampled`` (softmaxes
+    over the vocabulary per verified position) against the greedy choices, on placeholder logits
+    of the round's shapes. Greedy timings miss it: on the demo it made drafted rounds 3-9% dearer
+    relative to plain ones. Timed apart, as the difference of two whole rounds it drowned in their
+    noise (0-8 ms across three calibrations)."""
+    ids = draft.draft_ids()
+    vocab = target.vocab_size(model)
+    verified = mx.zeros((width, vocab))
+    drafts = mx.zeros((max(width - 1, 1), vocab if ids is None else ids.size))
+    key = mx.random.key(0)
+    mx.eval(verified, drafts)
+
+    def greedy():
+        if width == 1:
+            return mx.eval(mx.argmax(verified[-1]))
+        return mx.eval(*accept_greedy(greedy_drafts(drafts), verified))
+
+    def sampled():
+        if width == 1:
+            return mx.eval(sample_target(verified[-1], SAMPLING, key))
+        choices, probs = sample_draft(drafts, SAMPLING, key)
+        accepted, nxt, expected = accept_sampled(choices, probs, verified, SAMPLING, key, ids)
+        mx.eval(accepted, nxt, expected)
+        expected.tolist()  # the controller reads the expected acceptance on the host
+
+    greedy(), sampled()  # warm-up
+    return max(0.0, _median_s(sampled, reps) - _median_s(greedy, reps))
+
+
 def _take_back(model, caches: List[Any], written: int, replay: List[Any]) -> None:
     """Take a timed pass of ``written`` positions off the target's caches: attention layers
     trimmed, linear-attention layers back to their state before it."""
@@ -266,7 +304,7 @@ def _plain_step_s(model, caches: List[Any], ids, token: int, steps: int) -> floa
 
 def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int] = CONTEXTS, reps: int = 1,
             progress: Optional[Callable[[str], None]] = None, plain_steps: int = 4,
-            long_widths: Sequence[int] = LONG_WIDTHS) -> Costs:
+            long_widths: Sequence[int] = LONG_WIDTHS, sample_reps: int = 7) -> Costs:
     """Time rounds at every width and context length as decoding runs them (the median of
     ``reps``, after one pass per context that warms its buffers up): a drafted round as one
     graph (its draft pass also alone, the rest is the verify pass's), a plain step (width 1)
@@ -274,7 +312,8 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
     Drafted widths lie on a straight line per context (``straight``); past the shortest context
     only the plain step and the drafted ``long_widths`` are timed, the others read off that line
     (at 8k tokens a round takes 2-6 plain steps of the short context: timing every width there
-    took half the time)."""
+    took half the time). What sampling (T > 0) adds to a round at each width is timed apart
+    (``_sampling_s``, the median of ``sample_reps``)."""
     tic = time.perf_counter()
     limit = target.max_context(model)
     contexts = sorted({min(c, limit - max(widths) - 1) if limit else c for c in contexts})
@@ -347,7 +386,8 @@ def measure(model, draft, widths: Sequence[int] = WIDTHS, contexts: Sequence[int
         draft_s.append(by_width(widths, timed, d_row))
     verify_s, draft_s = monotone(verify_s), monotone(draft_s)
     read_s = list(itertools.accumulate(read_s, max))
-    return Costs(list(widths), contexts, verify_s, draft_s, read_s, seconds=time.perf_counter() - tic)
+    sample_s = list(itertools.accumulate((_sampling_s(model, draft, w, sample_reps) for w in widths), max))
+    return Costs(list(widths), contexts, verify_s, draft_s, read_s, sample_s, seconds=time.perf_counter() - tic)
 
 
 def by_width(widths: Sequence[int], timed: Sequence[int], row: Sequence[float]) -> List[float]:
@@ -405,8 +445,8 @@ def machine_key() -> Dict[str, Any]:
         "mlx_blockpilot": __version__,
         "round_code": round_code(),
         # drafted rounds as one graph, each width warmed up (a straight line by width; widths 1, 2,
-        # 4 past the shortest context), plain steps pipelined, reads
-        "method": 6,
+        # 4 past the shortest context), plain steps pipelined, reads, sampled rounds
+        "method": 7,
     }
 
 

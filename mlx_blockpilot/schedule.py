@@ -120,7 +120,7 @@ class PlainStretch:
     window_context: int = 0  # the current window's (a window: rounds after the stretch's first)
     window_s: float = 0.0
     window: int = 0
-    sampled: bool = False  # a full window was observed
+    windowed: bool = False  # a full window was observed
 
 
 class CostAware(Fixed):
@@ -158,8 +158,9 @@ class CostAware(Fixed):
                  remaining: Optional[int] = None, prior: float = 0.5, prior_rounds: float = 2.0,
                  memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
                  acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = PICK_TRUST,
-                 plain_window: int = 16, explore: int = 3):
+                 plain_window: int = 16, explore: int = 3, sampled: bool = False):
         super().__init__(width)
+        self.sampled = sampled  # rounds sample (T > 0): they cost what sampling adds too
         self.home, self.trust = width, trust
         self.costs, self.max_width, self.context = costs, max(2, max_width), context
         n = self.max_width - 1
@@ -188,15 +189,19 @@ class CostAware(Fixed):
             if r is not None:
                 run *= r
                 expected += run
-            out.append(expected / self.costs.round_s(width, self.context))
+            out.append(expected / self.round_s(width))
         return out
+
+    def round_s(self, width: int) -> float:
+        """What a round of ``width`` costs now (``costs.round_s`` at this context, sampled or not)."""
+        return self.costs.round_s(width, self.context, self.sampled)
 
     def tokens_per_s(self, width: int) -> float:
         return self.speeds()[width - 1]
 
     def read_is_cheap(self) -> bool:
         """The drafter's read of the features it has not seen costs no more than a plain step."""
-        return self.costs.catch_up_s(self.unread) <= self.costs.round_s(1, self.context)
+        return self.costs.catch_up_s(self.unread) <= self.round_s(1)
 
     def scores(self) -> list:
         """``speeds()`` with the widths below the pick lowered by ``trust``: the controller
@@ -223,7 +228,7 @@ class CostAware(Fixed):
     def probe_interval(self, width: int) -> int:
         """Plain rounds between probes at ``width``: a failed probe wastes what the round costs
         beyond a plain step, so that over the interval stays within ``probe_budget``."""
-        extra = self.costs.round_s(width, self.context) / self.costs.round_s(1, self.context) - 1
+        extra = self.round_s(width) / self.round_s(1) - 1
         return max(self.probe_every, math.ceil(extra / self.probe_budget))
 
     def observe(self, seconds: float) -> None:
@@ -252,16 +257,17 @@ class CostAware(Fixed):
                 stretch.window_s, stretch.window = stretch.window_s + seconds, stretch.window + 1
             stretch.seconds, stretch.rounds = stretch.seconds + seconds, stretch.rounds + 1
             if stretch.window == self.plain_window:
-                self.costs.observe(1, stretch.window_context, stretch.window_s / stretch.window, stretch.window)
-                stretch.window_s, stretch.window, stretch.sampled = 0.0, 0, True
+                self.costs.observe(1, stretch.window_context, stretch.window_s / stretch.window, stretch.window,
+                                   self.sampled)
+                stretch.window_s, stretch.window, stretch.windowed = 0.0, 0, True
             return
         if stretch is not None:
-            if not stretch.sampled:
-                self.costs.observe(1, stretch.context, stretch.seconds / stretch.rounds, stretch.rounds)
+            if not stretch.windowed:
+                self.costs.observe(1, stretch.context, stretch.seconds / stretch.rounds, stretch.rounds, self.sampled)
             self.stretch = None
         rest = seconds - self.costs.catch_up_s(unread)
         if before is not None and rest > 0:
-            self.costs.observe(width, context, rest)
+            self.costs.observe(width, context, rest, sampled=self.sampled)
 
     def explored(self, width: int) -> int:
         """``width``, or a drafting width next to it that was timed fewer than ``explore``
@@ -308,10 +314,11 @@ def make_schedule(width: int, block_size: BlockSize, policy, refine: bool, costs
     drafter's training block size: wider blocks are outside what it learned; or ``width``
     if larger; ``context`` tokens cached, ``unread`` of them not yet read by the drafter,
     ``remaining`` tokens at most to generate; the session's ``acceptance`` to start from and
-    add to; the pick trusted when ``greedy``), else ``Refine`` or ``Fixed``."""
+    add to; the pick trusted and rounds priced greedy when ``greedy``, priced sampled when not),
+    else ``Refine`` or ``Fixed``."""
     if refine and costs is not None:
         return CostAware(width, costs, max(max_width, width), context, unread, remaining, acceptance=acceptance,
-                         trust=PICK_TRUST if greedy else 0.0)
+                         trust=PICK_TRUST if greedy else 0.0, sampled=not greedy)
     if refine:
         return Refine(width, *refine_window(width, block_size, policy))
     return Fixed(width)

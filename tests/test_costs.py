@@ -42,6 +42,41 @@ def test_costs_interpolate_and_extrapolate():
     assert Costs.from_dict(json.loads(json.dumps(read.to_dict()))) == read
 
 
+def test_sampled_rounds_cost_what_sampling_adds():
+    c = Costs([1, 2, 4], [100, 1100], [[1.0, 1.2, 1.6], [2.0, 2.4, 3.2]], [[0.0, 0.1, 0.2], [0.0, 0.3, 0.4]],
+              sample_s=[0.01, 0.05, 0.09])
+    assert c.round_s(1, 100, sampled=True) == pytest.approx(1.01)
+    assert c.round_s(3, 600, sampled=True) == pytest.approx(c.round_s(3, 600) + 0.07)  # the same at any context
+    assert c.round_s(2, 100) == pytest.approx(1.3)  # greedy rounds: without it
+    assert Costs.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    older = Costs.from_dict({k: v for k, v in c.to_dict().items() if k != "sample_s"})  # a file from before
+    assert older.round_s(2, 100, sampled=True) == older.round_s(2, 100)
+    learned = LearnedCosts(c)
+    learned.observe(2, 100, 1.35, sampled=True)  # a sampled round timed at its sampled cost: no correction
+    learned.observe(4, 100, 1.8, sampled=False)
+    assert learned.ratio(2) == pytest.approx(1.0) and learned.ratio(4) == pytest.approx(1.0)
+    assert learned.round_s(2, 100, sampled=True) == pytest.approx(1.35)
+
+
+def test_the_controller_prices_rounds_as_they_are_decoded():
+    # Width 2 costs 1.2 plain steps greedy; sampling adds 0.2 to it, 0.01 to a plain step: at a rate
+    # of 0.3 drafting is worth 1.3 / 1.2 of plain greedily and 1.3 / 1.4 * 1.01 sampling.
+    c = replace(costs(), sample_s=[0.01, 0.21, 0.21, 0.21])
+
+    def width(greedy):
+        s = make_schedule(2, 2, None, True, c, max_width=2, greedy=greedy)
+        s.estimate = Acceptance(0.9, [300.0], [1000.0])
+        s.update(1, 2)
+        return s.width
+
+    assert width(greedy=True) == 2 and width(greedy=False) == 1
+    s = CostAware(2, LearnedCosts(c), 2, context=0, sampled=True)
+    s.update(1, 2)
+    s.update(1, 2)
+    s.observe(1.41)  # the second round (after a drafted one) is timed against its sampled cost
+    assert s.costs.ratio(2) == pytest.approx(1.0)
+
+
 def test_noisy_dips_are_smoothed_out():
     from mlx_blockpilot.costs import monotone
 
@@ -509,6 +544,7 @@ def test_measure_and_cache(qwen3, tmp_path):
     assert all(v > 0 for row in c.verify_s for v in row) and all(row[0] == 0 for row in c.draft_s)
     assert len(c.read_s) == 2 and all(r >= 0 for r in c.read_s) and c.catch_up_s(64) >= 0
     assert c.round_s(2, 16) > c.round_s(1, 16)
+    assert len(c.sample_s) == 3 and min(c.sample_s) >= 0 and c.sample_s == sorted(c.sample_s)
     bundle = Bundle(qwen3.model, qwen3.tokenizer, qwen3.draft, path=tmp_path)
     first = calibrate(bundle)
     assert (tmp_path / "calibration.json").is_file() and load_costs(bundle) == first

@@ -312,17 +312,18 @@ def run_benchmark(
     results = summarize(runs, isolated, prof, len(prompts), settings,
                         list(categories) if categories else None, [len(p) for p in prompts])
     if costs is not None:
-        results["calibration"] = calibration_check(runs, costs, [len(p) for p in prompts], learned)
+        results["calibration"] = calibration_check(runs, costs, [len(p) for p in prompts], learned, not greedy)
     return results
 
 
-def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned=None) -> Dict[str, Any]:
-    """Calibrated round cost against the measured one of every fixed-size run (the round's
-    mean over the run: decode seconds / rounds), by block size: median predicted/measured
-    (``corrected_over_measured``: the same for the calibration with the corrections it held
-    at the start, what the controller began from; ``learned_over_measured``: for ``learned``,
-    the controller's costs after the run). ``corrected_relative_to_plain``: as below, with
-    the corrections.
+def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned=None,
+                      sampled: bool = False) -> Dict[str, Any]:
+    """Calibrated round cost (of ``sampled`` rounds when the runs sampled) against the measured
+    one of every fixed-size run (the round's mean over the run: decode seconds / rounds), by
+    block size: median predicted/measured (``corrected_over_measured``: the same for the
+    calibration with the corrections it held at the start, what the controller began from;
+    ``learned_over_measured``: for ``learned``, the controller's costs after the run).
+    ``corrected_relative_to_plain``: as below, with the corrections.
 
     ``relative_to_plain`` compares the ratios to plain decoding (B=1) on the same prompt and
     repeat instead: what steers the controller, and free of the machine's drift between the
@@ -334,12 +335,12 @@ def calibration_check(runs: List[Run], costs, prompt_lengths: List[int], learned
             continue
         measured = (r.generation_tokens - 1) / r.decode_tokens_per_s / r.rounds
         context = prompt_lengths[r.prompt] + r.generation_tokens // 2
-        predicted = costs.round_s(r.block_size, context)
-        with_corrections = corrected.round_s(r.block_size, context) if corrected is not None else None
+        predicted = costs.round_s(r.block_size, context, sampled)
+        with_corrections = corrected.round_s(r.block_size, context, sampled) if corrected is not None else None
         measured_by[(r.block_size, r.prompt, r.repeat)] = (predicted, measured, with_corrections)
         out.setdefault(r.block_size, []).append(predicted / measured)
         if learned is not None:
-            learned_by.setdefault(r.block_size, []).append(learned.round_s(r.block_size, context) / measured)
+            learned_by.setdefault(r.block_size, []).append(learned.round_s(r.block_size, context, sampled) / measured)
         if with_corrections is not None:
             corrected_by.setdefault(r.block_size, []).append(with_corrections / measured)
     relative, corrected_relative = {}, {}

@@ -21,6 +21,8 @@ def table(costs) -> str:
     for length in costs.contexts:
         lines.append(f"| {length} | " + " | ".join(f"{costs.round_s(w, length) * 1e3:.1f}" for w in costs.widths)
                      + f" | {costs.catch_up_s(length) * 1e3:.1f} |")
+    if costs.sample_s:
+        lines.append("| sampling (T > 0) adds | " + " | ".join(f"{s * 1e3:.1f}" for s in costs.sample_s) + " | |")
     return "\n".join(lines)
 
 
