@@ -14,6 +14,7 @@ right for later sessions too.
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
@@ -95,87 +96,99 @@ class LearnedCosts:
 
     Calibration times single passes on placeholder caches in a few seconds; real rounds on
     this machine differ by width (a step where the pass outgrows a kernel's tile) and by the
-    moment's load. ``round_s(w, context)`` is the calibrated cost times ``ratio(w)``: the
-    median of the last ``window`` measured / calibrated ratios of rounds at width ``w``,
-    interpolated between timed widths (flat past them; 1 before any round is timed). Kept on
-    the bundle, it learns over a session's generations.
+    moment's load, which moves every width's rounds alike by 10-50% over seconds. A round's
+    measured / calibrated cost is therefore taken as a load level shared by all widths times
+    the width's own correction (``shape``, in logs): ``round_s(w, context)`` is the calibrated
+    cost times ``ratio(w) = exp(level + shape(w))``. The level is what the last rounds saw, a
+    moving average keeping ``memory`` per round (a run of plain rounds timed as one sets it).
+    Shapes are learned only from a round timed right after a round of another width, at the
+    load that one saw: the two widths' shapes take what it is off, each a share by how little
+    is known of it (``1 / (pairs + 1)``, at least ``rate``). So the load of the moments a width
+    happened to be timed at does not stick to it: learned as per-width medians of rounds timed
+    at different moments, the corrections ended 9-20% off relative to plain in a logged run.
+    A round off by more than ``clip`` (in logs: a pause) counts as off by ``clip`` (a run of
+    ``n`` rounds timed as one by ``n`` times that: a pause is diluted in it). A width never
+    timed is priced like its timed neighbours (shapes interpolated, flat past them).
 
-    It starts from the ``corrections`` the calibration holds, each worth ``prior`` rounds that
-    fade: every round timed here replaces one of them, so a few new rounds do not undo a kept
-    correction and ``prior`` of them outvote it (a kept value learned under another load does
-    not outlast the rounds that contradict it). With ``path`` (the calibration's file), a width's ratio is
-    written back as its correction once ``keep_after`` rounds of this session timed it and it
-    moved more than ``tolerance`` from the kept one: the next session starts from it.
-
-    The machine's load comes and goes over seconds (here: spells of every round 1.2-1.5x
-    slower), so a width's rounds timed in a spell and never since would price it wrongly for
-    the rest of the session. A round timed here is forgotten once ``max_age`` more rounds have
-    been timed (of any width; time between generations does not count): a width with none
-    left is priced like its timed neighbours (``ratio``), and ``recent`` tells the controller
-    to time it again.
+    It starts from the ``corrections`` the calibration holds (as shapes, each worth ``prior``
+    pairs). With ``path`` (the calibration's file), a width's correction ``exp(shape)`` is
+    written back once this session timed it ``keep_after`` times and it moved more than
+    ``tolerance`` from the kept one: the next session starts from it. Only how widths compare
+    is learned; corrections are relative to each other. ``recent`` tells the controller how
+    often a width was timed in the last ``max_age`` rounds (try it again when it was not).
+    Kept on the bundle, it learns over a session's generations (``interrupt`` at each).
     """
 
-    def __init__(self, costs: Costs, window: int = 25, path=None, keep_after: int = 8,
-                 tolerance: float = 0.05, prior: int = 5, max_age: int = 256):
-        self.costs, self.window, self.path = costs, window, Path(path) if path else None
+    def __init__(self, costs: Costs, path=None, keep_after: int = 8, tolerance: float = 0.05, prior: int = 5,
+                 rate: float = 0.05, memory: float = 0.5, clip: float = 0.5, max_age: int = 256):
+        self.costs, self.path = costs, Path(path) if path else None
         self.keep_after, self.tolerance, self.max_age = keep_after, tolerance, max_age
-        self.samples: Dict[int, Deque[float]] = {w: deque([r] * prior, maxlen=window)
-                                                 for w, r in costs.corrections.items()}
-        # when each sample was timed (``clock``); None for the kept correction's copies, which do not age
-        self.born: Dict[int, Deque[Optional[int]]] = {w: deque([None] * prior, maxlen=window)
-                                                      for w in costs.corrections}
-        self.inherited: Dict[int, int] = {w: prior for w in costs.corrections}  # kept copies left in samples
-        self.ratios: Dict[int, float] = dict(costs.corrections)  # width -> median of its samples
-        self.fresh: Dict[int, int] = {}  # width -> rounds timed here
+        self.prior, self.rate, self.memory, self.clip = prior, rate, memory, clip
+        self.shapes: Dict[int, float] = {w: math.log(r) for w, r in costs.corrections.items() if r > 0}
+        # width -> pairs it was timed in (one width right after another); a kept correction counts as `prior`
+        self.pairs: Dict[int, int] = {w: prior for w in self.shapes}
+        self.level = 0.0  # the load now: log measured / calibrated cost less shape, over the last rounds
+        self.last: Optional[int] = None  # the width of the last round timed (None after a break)
+        self.born: Dict[int, Deque[int]] = {}  # width -> when its rounds of the last max_age were timed
+        self.timed: Dict[int, int] = {}  # width -> rounds timed here
         self.clock = 0  # rounds timed so far (a plain run timed as a whole counts its rounds)
 
     def observe(self, width: int, context: int, seconds: float, rounds: int = 1, sampled: bool = False) -> None:
         """A round of ``width`` with ``context`` tokens cached took ``seconds`` (the mean of
         ``rounds`` rounds timed together; ``sampled``: at T > 0)."""
         self.clock += rounds
-        self.forget()
-        samples = self.samples.setdefault(width, deque(maxlen=self.window))
-        born = self.born.setdefault(width, deque(maxlen=self.window))
-        if self.inherited.get(width):  # the round replaces a copy of the kept correction (the oldest samples)
-            samples.popleft()
-            born.popleft()
-            self.inherited[width] -= 1
-        samples.append(seconds / self.costs.round_s(width, context, sampled))
-        born.append(self.clock)
-        self.ratios[width] = statistics.median(samples)
-        self.fresh[width] = self.fresh.get(width, 0) + 1
-        if self.path is not None and self.worth_keeping(width):  # (only this width's ratio moved)
+        bound = self.clip * rounds  # a pause in a run of rounds timed as one is diluted in it
+        level = math.log(max(seconds, 1e-12) / self.costs.round_s(width, context, sampled)) - self.shape(width)
+        if self.last is None:  # the first round timed (since a break): the load is what it saw
+            self.level, self.last = level, width
+        off = _clip(level - self.level, bound)  # what this round is off the load the rounds before saw
+        before, moved = self.last, [width]
+        if before != width:  # timed right after another width: how the two compare at one load
+            # each shape takes a share of what the round is off by how little is known of it (a
+            # width with few pairs nearly all), together at most all of it; the load the rest
+            gains = {w: max(self.rate, 1 / (self.pairs.get(w, 0) + 1)) for w in (width, before)}
+            scale = 1 / max(1.0, sum(gains.values()))
+            self.shapes[width], self.shapes[before] = (self.shape(width) + gains[width] * scale * off,
+                                                       self.shape(before) - gains[before] * scale * off)
+            for w in (width, before):
+                self.pairs[w] = self.pairs.get(w, 0) + 1
+            off, moved = off * (1 - gains[width] * scale), [width, before]
+        self.level += (1 - self.memory ** rounds) * off
+        self.last = width
+        self.born.setdefault(width, deque()).append(self.clock)
+        for when in self.born.values():
+            while when and self.clock - when[0] > self.max_age:
+                when.popleft()
+        self.timed[width] = self.timed.get(width, 0) + 1
+        if self.path is not None and any(self.worth_keeping(w) for w in moved):
             self.keep()
 
-    def forget(self) -> None:
-        """Drop the samples timed more than ``max_age`` rounds ago."""
-        for width in list(self.samples):
-            kept = [(r, t) for r, t in zip(self.samples[width], self.born[width])
-                    if t is None or self.clock - t <= self.max_age]
-            if len(kept) == len(self.samples[width]):
-                continue
-            if not kept:
-                del self.samples[width], self.born[width], self.ratios[width]
-                continue
-            self.samples[width] = deque([r for r, _ in kept], maxlen=self.window)
-            self.born[width] = deque([t for _, t in kept], maxlen=self.window)
-            self.ratios[width] = statistics.median(self.samples[width])
+    def interrupt(self) -> None:
+        """The next round timed does not follow the last one (a new generation: its prefill and
+        the time between came in between, and its first round is not timed): it is not paired
+        with it, and sets the load."""
+        self.last = None
+
+    def shape(self, width: int) -> float:
+        """Width ``width``'s correction of the calibration (log), apart from the load."""
+        if not self.shapes:
+            return 0.0
+        known = sorted(self.shapes)
+        return _interpolate(known, [self.shapes[w] for w in known], width, extend=False)
 
     def recent(self, width: int) -> int:
-        """How many of the rounds timed in the last ``max_age`` were at ``width`` (``forget``
-        ran when the clock last moved: the session's samples left are those)."""
-        return sum(t is not None for t in self.born.get(width, ()))
+        """How many of the rounds timed in the last ``max_age`` were at ``width``."""
+        return len(self.born.get(width, ()))
 
     def worth_keeping(self, width: int) -> bool:
-        """``width`` was timed ``keep_after`` times here and moved more than ``tolerance``
-        from its kept correction."""
-        r = self.ratios.get(width, 0.0)
-        return (r > 0 and self.fresh.get(width, 0) >= self.keep_after
-                and abs(r / self.costs.corrections.get(width, 1.0) - 1) > self.tolerance)
+        """``width`` was timed ``keep_after`` times here and its correction moved more than
+        ``tolerance`` from the kept one."""
+        return (width in self.shapes and self.timed.get(width, 0) >= self.keep_after
+                and abs(math.exp(self.shapes[width]) / self.costs.corrections.get(width, 1.0) - 1) > self.tolerance)
 
     def learned(self) -> Dict[int, float]:
-        """The corrections to keep: the kept ones, with the ratios of the widths worth keeping."""
-        return {**self.costs.corrections, **{w: self.ratios[w] for w in self.ratios if self.worth_keeping(w)}}
+        """The corrections to keep: the kept ones, with those of the widths worth keeping."""
+        return {**self.costs.corrections, **{w: math.exp(self.shapes[w]) for w in self.shapes if self.worth_keeping(w)}}
 
     def keep(self) -> None:
         """Write ``learned()`` into the calibration file, unless it now holds another
@@ -196,16 +209,18 @@ class LearnedCosts:
             self.path = None
 
     def ratio(self, width: int) -> float:
-        if not self.ratios:
-            return 1.0
-        timed = sorted(self.ratios)
-        return _interpolate(timed, [self.ratios[w] for w in timed], width, extend=False)
+        """A round of ``width`` now over its calibrated cost: the load level times the width's correction."""
+        return math.exp(self.level + self.shape(width))
 
     def round_s(self, width: int, context: int, sampled: bool = False) -> float:
         return self.costs.round_s(width, context, sampled) * self.ratio(width)
 
     def catch_up_s(self, unread: int) -> float:
         return self.costs.catch_up_s(unread)
+
+
+def _clip(x: float, bound: float) -> float:
+    return max(-bound, min(bound, x))
 
 
 def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float, extend: bool = True) -> float:

@@ -176,6 +176,8 @@ class CostAware(Fixed):
         self.plain_window = plain_window
         self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
         self.unread, self.remaining, self.horizon = unread, remaining, horizon
+        if isinstance(costs, LearnedCosts):
+            costs.interrupt()  # this generation's rounds do not follow the last one's
         if width > 1 and not self.pays(width):
             self.width = 1
 

@@ -236,6 +236,7 @@ def test_interactive_session_with_ctrl_c(llama):
         assert new < total  # (random answers re-tokenize differently, so only part of them is reused)
 
         # Ctrl-C at the prompt does not leave; /quit does.
+        term.read_until(b">>> ", start=mark + term.out[mark:].index(b"prompt tokens]"))
         mark = term.send(b"\x03")
         term.read_until(b"Ctrl-D to leave", start=mark)
         term.send(b"/quit\n")

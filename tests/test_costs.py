@@ -1,6 +1,7 @@
 """Calibrated round costs and the per-round controller that turns them into widths."""
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,76 +193,112 @@ def test_trust_does_not_pay_for_a_long_read():
     assert width(500, 0.15, trust=0.2) == 2  # trusted
 
 
-def test_learned_costs_follow_timed_rounds():
+def relative(learned, width, c, context=100):
+    """What ``learned`` prices a round of ``width`` at against a plain step, over what calibration ``c`` says."""
+    return (learned.round_s(width, context) / learned.round_s(1, context)) / (c.round_s(width, context) / c.round_s(1, context))
+
+
+def test_learned_costs_split_the_load_from_what_each_width_costs():
     c = costs()  # plain 1 s, width 2 1.2 s, width 4 1.4 s, width 8 1.8 s
-    learned = LearnedCosts(c, window=5)
+    learned = LearnedCosts(c)
     assert learned.round_s(4, 100) == c.round_s(4, 100)  # nothing timed yet: the calibration
-    for seconds in (2.8, 2.8, 2.8, 100.0):  # width 4 really costs twice as much; one round caught a pause
-        learned.observe(4, 100, seconds)
-    assert learned.round_s(4, 100) == pytest.approx(2.8) and learned.round_s(4, 9000) == pytest.approx(2.8)
-    assert learned.round_s(8, 100) == pytest.approx(2 * c.round_s(8, 100))  # past the widths timed: flat ratio
-    learned.observe(1, 100, 1.0)
-    assert learned.round_s(1, 100) == pytest.approx(1.0)
-    assert learned.round_s(2, 100) == pytest.approx(c.round_s(2, 100) * 4 / 3)  # ratios 1 and 2: interpolated
-    for _ in range(5):  # the window forgets: the machine got faster
-        learned.observe(4, 100, 1.4)
-    assert learned.round_s(4, 100) == pytest.approx(1.4)
+    learned.observe(4, 100, 2 * c.round_s(4, 100))  # the machine twice as slow: so at every width and context
+    assert learned.round_s(1, 100) == pytest.approx(2.0) and learned.round_s(8, 9000) == pytest.approx(
+        2 * c.round_s(8, 9000))
+    for k in range(45):  # width 4 really costs 1.5x its calibration against plain; spells of load come and go
+        load = 1.4 if k % 10 >= 5 else 1.0
+        learned.observe(1, 100, load * 1.0, rounds=16)  # a run of plain rounds timed as one: the load now
+        assert learned.round_s(1, 100) == pytest.approx(load, rel=1e-3)
+        learned.observe(4, 100, load * 1.5 * c.round_s(4, 100))
+    assert relative(learned, 4, c) == pytest.approx(1.5, rel=0.02)
+    assert learned.round_s(1, 100) == pytest.approx(1.0, rel=0.02)  # no spell now
+    assert relative(learned, 8, c) == pytest.approx(1.5, rel=0.02)  # past the widths timed: as the last one
+    assert math.log(relative(learned, 2, c)) == pytest.approx(math.log(1.5) / 3, rel=0.05)  # between: in logs
+    learned.observe(4, 100, 100.0)  # a round caught a pause: counted as 65% off (``clip``), it moves prices little
+    learned.observe(1, 100, 1.0, rounds=16)
+    assert learned.round_s(1, 100) == pytest.approx(1.0, rel=0.02)
+    assert relative(learned, 4, c) == pytest.approx(1.5, rel=0.05)
     assert learned.catch_up_s(100) == c.catch_up_s(100)
 
 
-def test_learned_costs_forget_rounds_timed_long_ago():
-    """A round is forgotten after ``max_age`` more rounds of any width (a plain run counts its
-    rounds); a kept correction does not age; a width with nothing left is priced like its timed
-    neighbours."""
+def test_a_width_timed_in_a_slow_spell_is_not_priced_by_it():
+    """Width 2 was timed only while the machine was slow (every round twice its cost), width 4
+    only since: both are priced against plain as they compare at any one load (as per-width
+    averages of their rounds they would not be: width 2 at twice width 4's correction)."""
     c = costs()
-    learned = LearnedCosts(replace(c, corrections={8: 1.5}), max_age=10)
-    for _ in range(3):  # width 2 timed in a slow spell (rounds 1 to 3)
+    learned = LearnedCosts(c)
+    for _ in range(5):  # the spell: plain runs and width 2 in turn
+        learned.observe(1, 100, 2.0, rounds=16)
         learned.observe(2, 100, 2 * c.round_s(2, 100))
-    assert learned.ratio(2) == pytest.approx(2.0) and learned.recent(2) == 3
-    learned.observe(4, 100, 1.1 * c.round_s(4, 100))
-    learned.observe(1, 100, c.round_s(1, 100), rounds=7)  # a plain run of 7 rounds timed as one (to round 11)
-    assert learned.ratio(2) == pytest.approx(2.0) and learned.recent(2) == 3  # 10 rounds after the first
-    learned.observe(1, 100, c.round_s(1, 100))
-    assert learned.recent(2) == 2 and learned.ratio(2) == pytest.approx(2.0)  # 11: the first one gone
-    learned.observe(1, 100, c.round_s(1, 100), rounds=2)
-    assert 2 not in learned.samples and learned.recent(2) == 0
-    assert learned.ratio(2) == pytest.approx(1.0 + 0.1 / 3)  # between plain (1.0) and width 4 (1.1)
-    assert learned.ratio(8) == pytest.approx(1.5) and learned.recent(8) == 0  # kept: not aged, not timed here
-    assert learned.fresh[2] == 3  # what this session timed, for keeping: unchanged
+    learned.observe(1, 100, 2.0, rounds=16)
+    learned.observe(1, 100, 1.0, rounds=16)  # over
+    for _ in range(5):
+        learned.observe(4, 100, c.round_s(4, 100))
+        learned.observe(1, 100, 1.0, rounds=16)
+    assert relative(learned, 2, c) == pytest.approx(1.0) and relative(learned, 4, c) == pytest.approx(1.0)
+    assert learned.round_s(2, 100) == pytest.approx(c.round_s(2, 100))
+
+
+def test_learned_costs_count_the_rounds_timed_lately():
+    """``recent``: rounds of a width among the last ``max_age`` timed (of any width; a plain run
+    counts its rounds)."""
+    learned = LearnedCosts(costs(), max_age=10)
+    for _ in range(3):
+        learned.observe(2, 100, 1.2)  # rounds 1 to 3
+    learned.observe(1, 100, 1.0, rounds=8)  # to round 11: the first round of width 2 ten rounds ago
+    assert learned.recent(2) == 3 and learned.recent(1) == 1 and learned.recent(4) == 0
+    learned.observe(1, 100, 1.0)
+    assert learned.recent(2) == 2
+    learned.observe(1, 100, 1.0, rounds=2)
+    assert learned.recent(2) == 0 and learned.timed[2] == 3  # what this session timed, for keeping: unchanged
+
+
+
 
 
 def test_learned_costs_are_kept_for_the_next_session(tmp_path):
     path = tmp_path / "calibration.json"
-    c = costs()  # a calibration taken while the machine was busy: width 4 really costs twice as much
+    c = costs()  # a calibration taken while the machine was busy: width 4 really costs 1.5x as much against plain
     write_costs(c, path)
     learned = LearnedCosts(c, path=path)
-    for _ in range(7):
-        learned.observe(4, 100, 2 * c.round_s(4, 100))
+
+    def pairs(session, n, factor, load=1.0):
+        for _ in range(n):
+            session.observe(1, 100, load * 1.0, rounds=16)
+            session.observe(4, 100, load * factor * c.round_s(4, 100))
+
+    pairs(learned, 7, 1.5)
     assert read_costs(path) == c  # too few rounds to keep
-    learned.observe(4, 100, 2 * c.round_s(4, 100))
-    assert read_costs(path).corrections == {4: pytest.approx(2.0)} and read_costs(path).measured() == c
-    for _ in range(10):  # width 2 within 5% of its calibration: nothing to correct
-        learned.observe(2, 100, 1.03 * c.round_s(2, 100))
-    assert set(read_costs(path).corrections) == {4}
+    pairs(learned, 1, 1.5)
+    kept = read_costs(path).corrections
+    assert set(kept) == {1, 4} and kept[4] / kept[1] == pytest.approx(1.5, rel=0.05)
+    assert read_costs(path).measured() == c
+    for _ in range(10):  # width 2 as calibrated against plain: plain's correction
+        learned.observe(2, 100, c.round_s(2, 100) * learned.ratio(1))
+        learned.observe(1, 100, learned.round_s(1, 100), rounds=16)
+    kept = read_costs(path).corrections
+    assert kept[2] / kept[1] == pytest.approx(1.0, rel=0.05) and kept[4] / kept[1] == pytest.approx(1.5, rel=0.05)
     assert not list(tmp_path.glob("*.tmp"))  # written whole: no temporary file left
 
     later = LearnedCosts(read_costs(path), path=path)  # the next session starts from it
-    assert later.round_s(4, 100) == pytest.approx(2 * c.round_s(4, 100)) and 4 in later.samples
-    for _ in range(2):  # a couple of rounds caught at a quiet moment do not undo it
-        later.observe(4, 100, c.round_s(4, 100))
-    assert later.round_s(4, 100) == pytest.approx(2 * c.round_s(4, 100))
-    later.observe(4, 100, c.round_s(4, 100))  # a third: each replaced a copy of the kept value, now outvoted
-    assert later.ratio(4) == pytest.approx(1.0) and read_costs(path).corrections == {4: pytest.approx(2.0)}
-    for _ in range(5):  # the machine is faster now: the correction follows, in the file too (after 8 rounds)
-        later.observe(4, 100, c.round_s(4, 100))
-    assert later.ratio(4) == pytest.approx(1.0) and read_costs(path).corrections == {4: pytest.approx(1.0)}
+    assert relative(later, 4, c) == pytest.approx(1.5, rel=0.05)
+    pairs(later, 1, 1.0)  # a pair of rounds caught as calibrated does not undo it: it counts as `prior` pairs
+    assert relative(later, 4, c) > 1.15
+    before = relative(later, 4, c)
+    later.interrupt()  # a later generation, at a quiet moment: every round faster, width 4 as dear against plain
+    pairs(later, 3, before, load=0.5)
+    assert relative(later, 4, c) == pytest.approx(before, rel=0.01)
+    assert later.round_s(1, 100) == pytest.approx(0.5, rel=1e-3)
+    pairs(later, 40, 1.0)  # the machine changed: the correction follows, in the file too
+    assert relative(later, 4, c) == pytest.approx(1.0, rel=0.05)
+    kept = read_costs(path).corrections
+    assert kept[4] / kept[1] == pytest.approx(1.0, abs=0.1)
 
     # Measured again meanwhile (calibrate --force in another process): that calibration stays.
     fresh = costs(draft_s=0.2)
     write_costs(fresh, path)
-    for _ in range(8):
-        later.observe(4, 100, 3 * c.round_s(4, 100))
-    assert read_costs(path) == fresh and later.path is None and later.ratio(4) > 1.0  # still learned, in memory
+    pairs(later, 8, 1.5)
+    assert read_costs(path) == fresh and later.path is None and relative(later, 4, c) > 1.3  # still learned, in memory
 
 
 def test_learned_costs_that_cannot_be_kept_last_the_session(tmp_path, monkeypatch):
@@ -275,10 +312,11 @@ def test_learned_costs_that_cannot_be_kept_last_the_session(tmp_path, monkeypatc
     monkeypatch.setattr("mlx_blockpilot.costs.os.replace", refuse)
     learned = LearnedCosts(costs(), path=path)
     with pytest.warns(UserWarning, match="cannot save the calibration to .*calibration.json .*this session only"):
-        for _ in range(8):
-            learned.observe(2, 100, 3.0)
+        for _ in range(8):  # width 2 at 1.5x its calibration against plain
+            learned.observe(1, 100, 1.0, rounds=16)
+            learned.observe(2, 100, 1.8)
     assert path.read_text() == before and not list(tmp_path.glob(".*tmp"))  # untouched, nothing half-written
-    assert learned.path is None and learned.ratio(2) == pytest.approx(2.5)  # still learned, in memory
+    assert learned.path is None and relative(learned, 2, costs()) > 1.3  # still learned, in memory
 
 
 def test_controller_moves_off_a_width_that_times_slower_than_calibrated():
@@ -319,27 +357,21 @@ def test_a_stale_kept_correction_is_tried_and_outvoted():
     assert learned.ratio(2) == pytest.approx(1.0) and widths.count(2) >= 3 and widths[-50:].count(1) > 40
 
 
-def test_a_width_timed_in_a_slow_spell_is_timed_again_later():
-    """Width 2 was timed while the machine was slow (every round twice its cost) and is the
-    best width at normal load: once those rounds are forgotten it is tried again and kept."""
-
-    def run(max_age):
-        learned = LearnedCosts(costs(), max_age=max_age)
-        for _ in range(6):
-            learned.observe(2, 100, 2 * costs().round_s(2, 100))
-        s = CostAware(3, learned, 8, context=100, remaining=10_000, trust=0.0)
-        widths = []
-        for _ in range(300):
-            w = s.width
-            s.update(min(w, 2), w)  # the first draft always accepted, never a second: width 2 is best
-            s.observe(costs().round_s(w, 100))
-            widths.append(w)
-        return widths, learned
-
-    widths, learned = run(max_age=10 ** 9)  # never forgotten: width 2 stays priced at the spell's cost
-    assert learned.ratio(2) == pytest.approx(2.0) and widths[-50:].count(2) == 0
-    widths, learned = run(max_age=64)
-    assert learned.ratio(2) == pytest.approx(1.0) and widths[-50:] == [2] * 50
+def test_a_width_timed_in_a_slow_spell_is_not_avoided_after_it():
+    """Width 2 was timed alone while the machine was slow (every round twice its cost) and is
+    the best width at normal load: the spell was the load's, not width 2's, and it is chosen."""
+    learned = LearnedCosts(costs())
+    for _ in range(6):
+        learned.observe(2, 100, 2 * costs().round_s(2, 100))
+    s = CostAware(3, learned, 8, context=100, remaining=10_000, trust=0.0)
+    widths = []
+    for _ in range(100):
+        w = s.width
+        s.update(min(w, 2), w)  # the first draft always accepted, never a second: width 2 is best
+        s.observe(costs().round_s(w, 100))
+        widths.append(w)
+    assert widths[-50:] == [2] * 50
+    assert relative(learned, 2, costs()) == pytest.approx(1.0, abs=0.05) and learned.ratio(2) == pytest.approx(1.0, abs=0.05)
 
 
 def test_neighbours_timed_long_ago_are_timed_again():
@@ -370,30 +402,43 @@ def test_neighbours_are_tried_a_few_times_per_generation_when_nothing_is_timed()
     assert widths.count(2) == 3 and widths.count(4) == 3 and widths[-40:] == [3] * 40
 
 
+class Timings(LearnedCosts):
+    """``LearnedCosts`` that also lists what it was told: (width, seconds per round, rounds)."""
+
+    def __init__(self, costs):
+        super().__init__(costs)
+        self.told = []
+
+    def observe(self, width, context, seconds, rounds=1, sampled=False):
+        self.told.append((width, pytest.approx(seconds), rounds))
+        super().observe(width, context, seconds, rounds, sampled)
+
+
 def test_plain_rounds_are_timed_as_a_run():
-    learned = LearnedCosts(costs(read_s=0.1))  # the drafter reads a feature it has not seen in 0.1 s
+    learned = Timings(costs(read_s=0.1))  # the drafter reads a feature it has not seen in 0.1 s
     s = CostAware(1, learned, 8, context=100)
     s.width = 1
     for seconds in (2.0, 0.0, 1.0, 1.0):  # a round built ahead on the first is waited for with it
         s.update(1, 1)
         s.observe(seconds)
-    assert not learned.samples  # the run goes on
+    assert not learned.told  # the run goes on
     s.update(3, 4)
     s.observe(1.4 + 0.4)  # a drafted round ends it; its drafter first read the 4 plain rounds' features
-    assert learned.round_s(1, 100) == pytest.approx(1.0) and list(learned.samples[4]) == pytest.approx([1.0])
+    assert learned.told == [(1, 1.0, 4), (4, 1.4, 1)]
+    assert learned.round_s(1, 100) == pytest.approx(1.0) and learned.round_s(4, 100) == pytest.approx(1.4)
     s.update(3, 4)
     s.observe(2 * 1.4 + 0.3)  # one after a drafted round, whose 3 kept inputs it read
-    assert list(learned.samples[4]) == pytest.approx([1.0, 2.0])
+    assert learned.told[-1] == (4, 2.8, 1)
     first = CostAware(4, learned, 8, context=100, unread=50)  # a generation's first round reads the prompt
     first.update(3, 4)
     first.observe(30.0)
-    assert len(learned.samples[4]) == 2  # not taken as what width 4 costs
+    assert len(learned.told) == 3  # not taken as what width 4 costs
 
 
 def test_plain_rounds_built_ahead_are_timed_by_the_work_between_syncs():
     """As decoding times them: the first plain round after a drafted one waits for the next
     one too, the last (nothing built after it) waits for little; 1 s of work per round."""
-    learned = LearnedCosts(costs())
+    learned = Timings(costs())
     s = CostAware(2, learned, 8, context=100, trust=0.0)
 
     def stretch(plain):
@@ -407,12 +452,12 @@ def test_plain_rounds_built_ahead_are_timed_by_the_work_between_syncs():
         stretch(3)
     s.update(2, 2)
     s.observe(1.2)
-    assert learned.ratio(1) == pytest.approx(1.0)  # 3 s of rounds over 3 rounds each time
+    assert [t for t in learned.told if t[0] == 1] == [(1, 1.0, 3)] * 3  # 3 s of rounds over 3 rounds each time
     for _ in range(3):  # long ones: windows inside them, the short-timed ends dropped
         stretch(20)
     s.update(2, 2)
     s.observe(1.2)
-    assert list(learned.samples[1]) == pytest.approx([1.0] * 6)  # (3 short stretches and 3 windows)
+    assert [t for t in learned.told if t[0] == 1][3:] == [(1, 1.0, 16)] * 3  # a window of each
 
 
 def test_a_generation_starts_from_the_sessions_acceptance():
@@ -500,7 +545,7 @@ def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
                      costs=learned, acceptance=acceptance)
         assert r.tokens == reference(qwen3.model, prompt, max_tokens=40)
     # real rounds of the tiny model take milliseconds, the synthetic calibration says seconds
-    assert learned.samples and all(0 < learned.ratio(w) < 0.5 for w in learned.samples)
+    assert learned.timed and all(0 < learned.ratio(w) < 0.5 for w in learned.timed)
     assert acceptance.seen and acceptance.seen[0] > 3
 
 
@@ -616,7 +661,7 @@ def test_calibrate_command(qwen3, tmp_path, monkeypatch, capsys):
     write_costs(replace(read_costs(path), corrections={1: 0.9, 4: 1.25}), path)
     assert calibrate_main(argv) == 0
     out, err = capsys.readouterr()
-    assert "B=1 x0.90, B=4 x1.25" in out and "cached; --force measures again" in err
+    assert "against a plain step they cost x1.39 at B=4 of what" in out and "cached; --force measures again" in err
     assert calibrate_main(argv + ["--force", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["corrections"] == {} and read_costs(path).corrections == {}  # measured again: forgotten

@@ -260,7 +260,7 @@ def test_trained_policy_in_the_engine_is_lossless(qwen3, tmp_path, monkeypatch):
     assert bundle.costs is not None and list((tmp_path / "cache" / "calibration").glob("*.json"))
     # the bundle keeps what its generations taught: round times (and acceptance, once it drafts:
     # this random drafter is not worth it, decoding stayed plain)
-    assert isinstance(bundle.costs, LearnedCosts) and bundle.costs.samples and isinstance(bundle.acceptance, Acceptance)
+    assert isinstance(bundle.costs, LearnedCosts) and bundle.costs.timed and isinstance(bundle.acceptance, Acceptance)
     assert GenerationOptions(block_size=4).resolve(16, None).refine is False
     assert GenerationOptions().resolve(16, bundle.policy).refine is True
     assert GenerationOptions(refine=False).resolve(16, bundle.policy).refine is False

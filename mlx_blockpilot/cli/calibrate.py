@@ -3,7 +3,7 @@
 import json
 import sys
 
-from ..costs import cache_path, calibrate
+from ..costs import LearnedCosts, cache_path, calibrate
 from .common import add_model_args, load_from_args, parser, run
 
 
@@ -36,10 +36,12 @@ def _calibrate(args) -> int:
         print("round cost in ms (verify + draft) by context length and block size B (B=1: plain decoding),\n"
               "and what the drafter's first read of that many unseen features adds to a round")
         print(table(costs))
-        if costs.corrections:
-            print("decoding has timed real rounds at " + ", ".join(
-                f"B={w} x{r:.2f}" for w, r in sorted(costs.corrections.items()))
-                  + " of these costs; the controller starts from that (--force measures again and forgets it)")
+        learned = LearnedCosts(costs)  # the corrections kept: how widths compare, apart from the load
+        relative = {w: learned.ratio(w) / learned.ratio(1) for w in sorted(costs.corrections) if w > 1}
+        if relative:
+            print("decoding has timed real rounds: against a plain step they cost " + ", ".join(
+                f"x{r:.2f} at B={w}" for w, r in relative.items())
+                  + " of what these costs say; the controller starts from that (--force measures again and forgets it)")
     how = "measured now" if measured else "cached; --force measures again"
     print(f"calibration: {cache_path(bundle)} ({how}; measuring took {costs.seconds:.1f} s)", file=sys.stderr)
     return 0
