@@ -6,9 +6,9 @@ acceptance into tokens per second with these costs. Measuring takes a few second
 caches are filled with placeholder (zero) keys and values to the wanted context length, since
 what attention costs does not depend on what the keys hold. The cached result is keyed by
 machine, bundle, package versions and the code a round runs; any change measures again.
-``LearnedCosts`` corrects the calibration by what real decoding rounds take, and keeps its
-corrections in the cached file, so a calibration taken while the machine was busy is set
-right for later sessions too.
+``LearnedCosts`` corrects the calibration by what real decoding rounds take (the machine's
+load apart from how widths compare), and keeps its corrections in the cached file, so a
+calibration that misjudged how widths compare is set right for later sessions too.
 """
 
 import hashlib
@@ -24,7 +24,7 @@ import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
@@ -123,7 +123,7 @@ class LearnedCosts:
                  rate: float = 0.05, memory: float = 0.5, clip: float = 0.5, max_age: int = 256):
         self.costs, self.path = costs, Path(path) if path else None
         self.keep_after, self.tolerance, self.max_age = keep_after, tolerance, max_age
-        self.prior, self.rate, self.memory, self.clip = prior, rate, memory, clip
+        self.rate, self.memory, self.clip = rate, memory, clip
         self.shapes: Dict[int, float] = {w: math.log(r) for w, r in costs.corrections.items() if r > 0}
         # width -> pairs it was timed in (one width right after another); a kept correction counts as `prior`
         self.pairs: Dict[int, int] = {w: prior for w in self.shapes}
