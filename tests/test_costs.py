@@ -123,7 +123,7 @@ def test_cost_aware_widths_follow_acceptance_and_stay_lossless(qwen3):
     assert tokens == ref and max(widths) >= 7 and widths[:-2] == sorted(widths[:-2])
     # drafts that are always wrong: plain decoding, with a drafted probe now and then
     widths, tokens = widths_of(qwen3.model, wrong, tok, prompt, costs(), 60)
-    assert tokens == ref and widths.count(1) > len(widths) // 2 and 2 in widths[len(widths) // 2 :]
+    assert tokens == ref and widths.count(1) > len(widths) // 2 and 2 in widths[widths.index(1):]
     # the real (random) drafter, every width lossless
     for c in (costs(), costs(draft_s=0.0, verify_growth=0.0), costs(draft_s=2.0)):
         r = generate(qwen3.model, qwen3.draft, tok, prompt, block_size=3, max_tokens=60, refine=True, costs=c)
@@ -525,7 +525,7 @@ def test_drafting_starts_only_when_the_drafters_catch_up_pays_back():
 
 def test_probes_are_spaced_by_what_a_failed_one_costs():
     def probes(c, rounds=200):
-        s = CostAware(2, c, 8, context=100, remaining=1000)
+        s = CostAware(2, c, 8, context=100, remaining=1000, backoff=0)
         widths = []
         for _ in range(rounds):
             s.update(1, s.width)  # every draft rejected
@@ -534,6 +534,36 @@ def test_probes_are_spaced_by_what_a_failed_one_costs():
 
     assert probes(costs(verify_growth=0.1)) >= 15  # a drafted round costs 1.2 plain steps: every 8 plain rounds
     assert 3 <= probes(costs(verify_growth=1.0)) <= 6  # 2.1 plain steps: one per ~37, failed probes cost < 3%
+
+
+def probe_gaps(s, rounds, committed=lambda width: 1):
+    """Plain rounds between ``s``'s drafted rounds over ``rounds`` rounds (``committed(width)``
+    tokens per round)."""
+    gaps, plain = [], 0
+    for _ in range(rounds):
+        width = s.width
+        if width > 1:
+            gaps.append(plain)
+            plain = 0
+        else:
+            plain += 1
+        s.update(committed(width), width)
+    return gaps
+
+
+def test_failed_probes_back_off_and_a_probe_that_pays_resets_them():
+    # every draft rejected: after the prior's first drafted rounds, plain decoding with probes whose
+    # interval (8 plain rounds: a failed one costs 0.2 plain steps) doubles each time, up to 8x
+    s = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=3)
+    assert probe_gaps(s, 300)[3:] == [8, 16, 32, 64, 64, 64]
+    # drafts accepted again: the next probe is stayed after, and the backoff is gone
+    probe_gaps(s, 100, committed=lambda width: width)
+    assert s.failed == 0 and s.width > 1
+    # rejected again: the first probe comes after the base interval (of the wider width now best), not 64 rounds
+    gaps = [g for g in probe_gaps(s, 100) if g]
+    assert 8 <= gaps[0] < 64 and gaps[1] > gaps[0]
+    without = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=0)
+    assert probe_gaps(without, 100)[3:] == [8] * 10  # no backoff: every 8 plain rounds
 
 
 def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
