@@ -140,8 +140,8 @@ class CostAware(Fixed):
     (long context), probes are spaced so that they cost at most ``probe_budget`` of the time
     even when they fail. Each probe that decoding leaves at once for plain rounds again doubles
     the interval (up to ``2 ** backoff`` times; one it stays drafting after resets it): where
-    drafting keeps not paying, failed probes stop costing the whole budget (a 2k-token prompt
-    at T = 0.7 here lost 2-4% against plain decoding to them).
+    drafting keeps not paying (after a prompt of ~2k tokens here), failed probes stop costing
+    the whole budget.
 
     A drafted round after plain ones first has the drafter read the ``unread`` features
     it has not seen (after a long prompt: all of them, ``costs.catch_up_s``). Drafting
