@@ -554,16 +554,24 @@ def probe_gaps(s, rounds, committed=lambda width: 1):
 def test_failed_probes_back_off_and_a_probe_that_pays_resets_them():
     # every draft rejected: after the prior's first drafted rounds, plain decoding with probes whose
     # interval (8 plain rounds: a failed one costs 0.2 plain steps) doubles each time, up to 8x
+    # (drafting is then expected far slower than plain: clearly failed probes)
     s = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=3)
     assert probe_gaps(s, 300)[3:] == [8, 16, 32, 64, 64, 64]
     # drafts accepted again: the next probe is stayed after, and the backoff is gone
     probe_gaps(s, 100, committed=lambda width: width)
     assert s.failed == 0 and s.width > 1
     # rejected again: the first probe comes after the base interval (of the wider width now best), not 64 rounds
-    gaps = [g for g in probe_gaps(s, 100) if g]
-    assert 8 <= gaps[0] < 64 and gaps[1] > gaps[0]
+    gaps = [g for g in probe_gaps(s, 200) if g]
+    assert 8 <= gaps[0] < 64 and max(gaps) >= 2 * gaps[0]
     without = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=0)
     assert probe_gaps(without, 100)[3:] == [8] * 10  # no backoff: every 8 plain rounds
+
+    def gaps(rate):  # B=2 only, acceptance `rate` kept by a heavy prior, every draft rejected
+        return probe_gaps(CostAware(1, costs(verify_growth=0.1), 2, context=100, remaining=10000, prior=rate,
+                                    prior_rounds=1000), 200)
+
+    assert gaps(0.05)[1:4] == [16, 32, 64]  # drafting at 0.88x of plain: clearly slower, backs off
+    assert gaps(0.15)[1:10] == [8] * 9  # at 0.96x (within fail_margin 5%): a close call, re-measured as often
 
 
 def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
