@@ -566,12 +566,12 @@ def test_failed_probes_back_off_and_a_probe_that_pays_resets_them():
     without = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=0)
     assert probe_gaps(without, 100)[3:] == [8] * 10  # no backoff: every 8 plain rounds
 
-    def gaps(rate):  # B=2 only, acceptance `rate` kept by a heavy prior, every draft rejected
+    def gaps_at(rate):  # B=2 only, acceptance `rate` kept by a heavy prior, every draft rejected
         return probe_gaps(CostAware(1, costs(verify_growth=0.1), 2, context=100, remaining=10000, prior=rate,
                                     prior_rounds=1000), 200)
 
-    assert gaps(0.05)[1:4] == [16, 32, 64]  # drafting at 0.88x of plain: clearly slower, backs off
-    assert gaps(0.15)[1:10] == [8] * 9  # at 0.96x (within fail_margin 5%): a close call, re-measured as often
+    assert gaps_at(0.05)[1:4] == [16, 32, 64]  # drafting at 0.88x of plain: clearly slower, backs off
+    assert gaps_at(0.15)[1:10] == [8] * 9  # at 0.96x (within fail_margin 5%): a close call, re-measured as often
 
 
 def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
