@@ -138,10 +138,12 @@ class CostAware(Fixed):
     Plain rounds teach nothing about drafting, so after ``probe_every`` of them one round drafts
     again at the best drafting width; where a drafted round costs much more than a plain step
     (long context), probes are spaced so that they cost at most ``probe_budget`` of the time
-    even when they fail. Each probe after which drafting is expected slower than plain decoding
-    by more than ``fail_margin`` doubles the interval (up to ``2 ** backoff`` times; any other
-    probe resets it): where drafting clearly does not pay (after a prompt of ~2k tokens here),
-    failed probes stop costing the whole budget, and a close call is re-measured as often as before.
+    even when they fail. Drafting is left for plain decoding only when plain decoding is expected
+    faster by more than ``margin``: near break-even (sampling at T = 0.7 on the demo) estimates
+    from a few noisy rounds swing across it, and a move to plain is slow to undo. Each probe
+    after which decoding goes back to plain doubles the interval (up to ``2 ** backoff`` times;
+    any other probe resets it): where drafting clearly does not pay (after a prompt of ~2k tokens
+    here), failed probes stop costing the whole budget.
 
     A drafted round after plain ones first has the drafter read the ``unread`` features
     it has not seen (after a long prompt: all of them, ``costs.catch_up_s``). Drafting
@@ -162,7 +164,7 @@ class CostAware(Fixed):
                  memory: float = 0.9, probe_every: int = 8, probe_budget: float = 0.03, horizon: int = 256,
                  acceptance: Optional[Acceptance] = None, session_rounds: float = 30.0, trust: float = PICK_TRUST,
                  plain_window: int = 16, explore: int = 3, sampled: bool = False, backoff: int = 3,
-                 fail_margin: float = 0.05):
+                 margin: float = 0.05):
         super().__init__(width)
         self.sampled = sampled  # rounds sample (T > 0): they cost what sampling adds too
         self.home, self.trust = width, trust
@@ -179,8 +181,9 @@ class CostAware(Fixed):
         self.stretch: Optional[PlainStretch] = None  # the plain rounds since the last drafted one
         self.plain_window = plain_window
         self.probe_every, self.probe_budget, self.plain = probe_every, probe_budget, 0
-        # probes in a row after which drafting was clearly slower; whether the next round is a probe
-        self.backoff, self.fail_margin, self.failed, self.probing = backoff, fail_margin, 0, False
+        self.margin = margin
+        # probes in a row after which decoding went back to plain; whether the next round is a probe
+        self.backoff, self.failed, self.probing = backoff, 0, False
         self.unread, self.remaining, self.horizon = unread, remaining, horizon
         if isinstance(costs, LearnedCosts):
             costs.interrupt()  # this generation's rounds do not follow the last one's
@@ -212,16 +215,21 @@ class CostAware(Fixed):
         return self.costs.catch_up_s(self.unread) <= self.round_s(1)
 
     def scores(self) -> list:
-        """``speeds()`` with the widths below the pick lowered by ``trust``: the controller
-        leaves the width it started from for a narrower one (or plain decoding) only when that
-        is expected to be faster by more than ``trust``. Narrower rounds observe fewer block
-        positions, so a wrong move down is slow to undo; a move up observes more and corrects
-        itself. Not while a costlier read is due (after a long prompt): trust must not pay for
-        a measured cost."""
+        """``speeds()`` with the widths below the pick lowered by ``trust``, and plain decoding
+        by ``margin`` after a drafted round (by the larger of the two where both apply): the
+        controller leaves the width it started from for a narrower one (or plain decoding) only
+        when that is expected to be faster by more than ``trust``, and drafting for plain decoding
+        only when that is faster by more than ``margin``. Narrower rounds observe fewer block
+        positions, so a wrong move down is slow to undo (plain rounds observe none); a move up
+        observes more and corrects itself. Not while a costlier read is due (after a long
+        prompt): neither may pay for a measured cost."""
         speeds = self.speeds()
         if not self.read_is_cheap():
             return speeds
-        return [s / (1 + self.trust) if w < self.home else s for w, s in enumerate(speeds, start=1)]
+        scores = [s / (1 + self.trust) if w < self.home else s for w, s in enumerate(speeds, start=1)]
+        if self.last is not None and self.last[0] > 1:  # the round just done drafted
+            scores[0] = min(scores[0], speeds[0] / (1 + self.margin))
+        return scores
 
     def pays(self, width: int, speeds: Optional[list] = None) -> bool:
         """Drafting at ``width`` beats plain decoding, its first round's read included
@@ -236,7 +244,7 @@ class CostAware(Fixed):
     def probe_interval(self, width: int) -> int:
         """Plain rounds between probes at ``width``: a failed probe wastes what the round costs
         beyond a plain step, so that over the interval stays within ``probe_budget``; doubled for
-        each probe in a row that found drafting clearly slower (at most ``backoff`` times)."""
+        each probe in a row that went back to plain (at most ``backoff`` times)."""
         extra = self.round_s(width) / self.round_s(1) - 1
         return max(self.probe_every, math.ceil(extra / self.probe_budget)) << min(self.failed, self.backoff)
 
@@ -305,8 +313,8 @@ class CostAware(Fixed):
         speeds = self.scores()
         drafting = max(range(2, self.max_width + 1), key=lambda w: speeds[w - 1])
         best = drafting if self.pays(drafting, speeds) else 1
-        if self.probing:  # this round was a probe: is drafting now clearly slower than plain decoding?
-            self.failed = self.failed + 1 if speeds[drafting - 1] < (1 - self.fail_margin) * speeds[0] else 0
+        if self.probing:  # this round was a probe: it failed when decoding goes back to plain
+            self.failed = self.failed + 1 if best == 1 else 0
         self.probing = False
         if best > 1:
             best = self.explored(best)

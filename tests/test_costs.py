@@ -143,7 +143,7 @@ def test_cost_aware_rule():
 def test_the_pick_is_left_for_a_narrower_width_only_when_faster_by_more_than_trust():
     # Width 2 costs 1.2 plain steps: at acceptance rate r it is worth (1 + r) / 1.2 of plain.
     def width(pick, rate, trust, max_width=2):
-        s = CostAware(pick, costs(), max_width, context=0, prior=rate, prior_rounds=1000, trust=trust)
+        s = CostAware(pick, costs(), max_width, context=0, prior=rate, prior_rounds=1000, trust=trust, margin=0.0)
         s.update(1, pick)  # one round; the prior's 1000 rounds keep the rate
         return s.width
 
@@ -155,6 +155,24 @@ def test_the_pick_is_left_for_a_narrower_width_only_when_faster_by_more_than_tru
     # At r = 0.3 width 2 beats the picked 3 by 1.3%: only a controller without trust moves.
     assert width(3, 0.3, trust=0.0, max_width=3) == 2
     assert width(3, 0.3, trust=0.1, max_width=3) == 3
+
+
+def test_drafting_is_left_for_plain_decoding_only_when_that_is_faster_by_more_than_margin():
+    # Width 2 costs 1.2 plain steps: at acceptance rate r it is worth (1 + r) / 1.2 of plain.
+    def width(rate, margin, trust=0.0, last=2):
+        s = CostAware(2, costs(), 2, context=0, prior=rate, prior_rounds=1000, trust=trust, margin=margin)
+        s.update(1, last)  # one round; the prior's 1000 rounds keep the rate
+        return s.width
+
+    assert width(0.15, margin=0.05) == 2  # after a drafted round at 0.96x of plain: drafting is kept
+    assert width(0.15, margin=0.0) == 1
+    assert width(0.1, margin=0.05) == 1  # 0.92x: plain
+    assert width(0.15, margin=0.05, last=1) == 1  # after a plain round: plain, as the estimates say
+    assert width(0.25, margin=0.05, last=1) == 2  # and back up to drafting at 1.04x: no margin needed
+    # the pick's trust and the margin are not compounded: the larger applies (0.875x: plain is 14% faster)
+    assert width(0.05, margin=0.05, trust=0.1) == 1 and width(0.1, margin=0.05, trust=0.1) == 2
+    # the generation's start is judged on the estimates (0.96x of plain: the pick 2 is not started)
+    assert CostAware(2, costs(), 2, context=0, prior=0.15, prior_rounds=1000, trust=0.0, margin=0.05).width == 1
 
 
 def test_the_pick_is_trusted_when_decoding_greedily_only(qwen3):
@@ -551,12 +569,17 @@ def probe_gaps(s, rounds, committed=lambda width: 1):
     return gaps
 
 
+def from_first_probe(gaps):
+    """``gaps`` from the first probe on, after the first drafted rounds (the prior's)."""
+    return gaps[next(i for i, g in enumerate(gaps) if i and g):]
+
+
 def test_failed_probes_back_off_and_a_probe_that_pays_resets_them():
     # every draft rejected: after the prior's first drafted rounds, plain decoding with probes whose
     # interval (8 plain rounds: a failed one costs 0.2 plain steps) doubles each time, up to 8x
-    # (drafting is then expected far slower than plain: clearly failed probes)
+    # (drafting is then expected far slower than plain: each probe goes back to plain)
     s = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=3)
-    assert probe_gaps(s, 300)[3:] == [8, 16, 32, 64, 64, 64]
+    assert from_first_probe(probe_gaps(s, 300)) == [8, 16, 32, 64, 64, 64]
     # drafts accepted again: the next probe is stayed after, and the backoff is gone
     probe_gaps(s, 100, committed=lambda width: width)
     assert s.failed == 0 and s.width > 1
@@ -564,14 +587,14 @@ def test_failed_probes_back_off_and_a_probe_that_pays_resets_them():
     gaps = [g for g in probe_gaps(s, 200) if g]
     assert 8 <= gaps[0] < 64 and max(gaps) >= 2 * gaps[0]
     without = CostAware(1, costs(verify_growth=0.1), 8, context=100, remaining=10000, backoff=0)
-    assert probe_gaps(without, 100)[3:] == [8] * 10  # no backoff: every 8 plain rounds
+    assert from_first_probe(probe_gaps(without, 100)) == [8] * 10  # no backoff: every 8 plain rounds
 
     def gaps_at(rate):  # B=2 only, acceptance `rate` kept by a heavy prior, every draft rejected
         return probe_gaps(CostAware(1, costs(verify_growth=0.1), 2, context=100, remaining=10000, prior=rate,
                                     prior_rounds=1000), 200)
 
-    assert gaps_at(0.05)[1:4] == [16, 32, 64]  # drafting at 0.88x of plain: clearly slower, backs off
-    assert gaps_at(0.15)[1:10] == [8] * 9  # at 0.96x (within fail_margin 5%): a close call, re-measured as often
+    assert gaps_at(0.05)[1:4] == [16, 32, 64]  # drafting at 0.88x of plain: back to plain, backs off
+    assert gaps_at(0.15)[1:10] == [0] * 9  # at 0.96x (within the margin, 5%): drafting is kept after a probe
 
 
 def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
