@@ -56,8 +56,16 @@ class Costs:
     sample_s: List[float] = field(default_factory=list)
     key: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # how long measuring took
-    # measured / calibrated round cost by width, learned from decoding rounds (``LearnedCosts``)
-    corrections: Dict[int, float] = field(default_factory=dict)
+    # measured / calibrated round cost learned from decoding rounds (``LearnedCosts``), by context
+    # length (one of ``contexts``) and width; a flat ``{width: factor}`` (files from before) holds at
+    # every context
+    corrections: Dict[int, Dict[int, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.corrections and not any(isinstance(r, dict) for r in self.corrections.values()):
+            self.corrections = {c: dict(self.corrections) for c in self.contexts}
+        if not all(isinstance(r, dict) for r in self.corrections.values()):
+            raise TypeError("corrections mix factors by width with factors by context and width")
 
     def _at(self, table: List[List[float]], width: int, context: int) -> float:
         return _interpolate(self.contexts, [_interpolate(self.widths, row, width) for row in table], context)
@@ -83,7 +91,8 @@ class Costs:
     def from_dict(cls, d: Dict[str, Any]) -> "Costs":
         fields = {k: d[k] for k in ("widths", "contexts", "verify_s", "draft_s", "read_s", "sample_s", "key", "seconds")
                   if k in d}
-        corrections = {int(w): float(r) for w, r in d.get("corrections", {}).items()}  # JSON keys are strings
+        corrections = {int(k): {int(w): float(r) for w, r in v.items()} if isinstance(v, dict) else float(v)
+                       for k, v in d.get("corrections", {}).items()}  # JSON keys are strings
         return cls(**fields, corrections=corrections)
 
     def measured(self) -> "Costs":
@@ -95,28 +104,35 @@ class LearnedCosts:
     """Calibrated ``costs`` corrected by the rounds decoding has timed since.
 
     Calibration times single passes on placeholder caches in a few seconds; real rounds on
-    this machine differ by width (a step where the pass outgrows a kernel's tile) and by the
-    moment's load, which moves every width's rounds alike by 10-50% over seconds. A round's
-    measured / calibrated cost is therefore taken as a load level shared by all widths times
-    the width's own correction (``shape``, in logs): ``round_s(w, context)`` is the calibrated
-    cost times ``ratio(w) = exp(level + shape(w))``. The level is what the last rounds saw, a
-    moving average keeping ``memory`` per round (a run of plain rounds timed as one sets it).
-    Shapes are learned only from a round timed right after a round of another width, at the
-    load that one saw: the two widths' shapes take what it is off, each a share by how little
-    is known of it (``1 / (pairs + 1)``, at least ``rate``). So the load of the moments a width
-    happened to be timed at does not stick to it: learned as per-width medians of rounds timed
-    at different moments, the corrections ended 9-20% off relative to plain in a logged run.
-    A round off by more than ``clip`` (in logs: a pause) counts as off by ``clip`` (a run of
-    ``n`` rounds timed as one by ``n`` times that: a pause is diluted in it). A width never
-    timed is priced like its timed neighbours (shapes interpolated, flat past them).
+    this machine differ by width (a step where the pass outgrows a kernel's tile), by context
+    length (the demo's B=2 against plain was 1.21x / 1.03x / 0.89x of what a calibration said
+    after ~35 / ~2k / ~4k tokens) and by the moment's load, which moves every width's rounds alike by
+    10-50% over seconds. A round's measured / calibrated cost is therefore taken as a load
+    level shared by all widths and contexts times the width's own correction at its context
+    (``shape``, in logs): ``round_s(w, context)`` is the calibrated cost times
+    ``ratio(w, context) = exp(level + shape(w, context))``. The level is what the last rounds
+    saw, a moving average keeping ``memory`` per round (a run of plain rounds timed as one
+    sets it). Shapes are learned only from a round timed right after a round of another width,
+    at the load that one saw: the two widths' shapes take what it is off, each a share by how
+    little is known of it (``1 / (pairs + 1)``, at least ``rate``). So the load of the moments
+    a width happened to be timed at does not stick to it: learned as per-width medians of
+    rounds timed at different moments, the corrections ended 9-20% off relative to plain in a
+    logged run. A round off by more than ``clip`` (in logs: a pause) counts as off by ``clip``
+    (a run of ``n`` rounds timed as one by ``n`` times that: a pause is diluted in it).
+
+    Shapes are held at the calibration's context lengths and interpolated between them (flat
+    past them), as the calibrated costs are; a round between two of them moves both, each by
+    its share in the interpolation, so that the shape where it was timed moves as a round at
+    a calibrated context moves it. A context never timed keeps the calibration as measured; a
+    width never timed is priced like its timed neighbours (interpolated, flat past them).
 
     It starts from the ``corrections`` the calibration holds (as shapes, each worth ``prior``
-    pairs). With ``path`` (the calibration's file), a width's correction ``exp(shape)`` is
-    written back once this session timed it ``keep_after`` times and it moved more than
-    ``tolerance`` from the kept one: the next session starts from it. Only how widths compare
-    is learned; corrections are relative to each other. ``recent`` tells the controller how
-    often a width was timed in the last ``max_age`` rounds (try it again when it was not).
-    Kept on the bundle, it learns over a session's generations (``interrupt`` at each).
+    pairs). With ``path`` (the calibration's file), a correction ``exp(shape)`` is written back
+    once this session timed its width ``keep_after`` times around its context and it moved
+    more than ``tolerance`` from the kept one: the next session starts from it. Only how widths
+    compare is learned; corrections are relative to each other. ``recent`` tells the
+    controller how often a width was timed in the last ``max_age`` rounds (try it again when it
+    was not). Kept on the bundle, it learns over a session's generations (``interrupt`` at each).
     """
 
     def __init__(self, costs: Costs, path=None, keep_after: int = 8, tolerance: float = 0.05, prior: int = 5,
@@ -124,13 +140,19 @@ class LearnedCosts:
         self.costs, self.path = costs, Path(path) if path else None
         self.keep_after, self.tolerance, self.max_age = keep_after, tolerance, max_age
         self.rate, self.memory, self.clip = rate, memory, clip
-        self.shapes: Dict[int, float] = {w: math.log(r) for w, r in costs.corrections.items() if r > 0}
-        # width -> pairs it was timed in (one width right after another); a kept correction counts as `prior`
-        self.pairs: Dict[int, int] = {w: prior for w in self.shapes}
+        self.contexts = list(costs.contexts)
+        # context (of the calibration's) -> width -> log correction
+        self.shapes: Dict[int, Dict[int, float]] = {
+            c: {w: math.log(r) for w, r in costs.corrections.get(c, {}).items() if r > 0} for c in self.contexts}
+        # context -> width -> pairs it was timed in (one width right after another), each counted
+        # by the context's share; a kept correction counts as `prior`
+        self.pairs: Dict[int, Dict[int, float]] = {c: {w: float(prior) for w in self.shapes[c]} for c in self.contexts}
         self.level = 0.0  # the load now: log measured / calibrated cost less shape, over the last rounds
         self.last: Optional[int] = None  # the width of the last round timed (None after a break)
         self.born: Dict[int, Deque[int]] = {}  # width -> when its rounds of the last max_age were timed
         self.timed: Dict[int, int] = {}  # width -> rounds timed here
+        # context -> width -> rounds timed here that moved its shape (between it and its neighbours)
+        self.timed_near: Dict[int, Dict[int, int]] = {c: {} for c in self.contexts}
         self.clock = 0  # rounds timed so far (a plain run timed as a whole counts its rounds)
 
     def observe(self, width: int, context: int, seconds: float, rounds: int = 1, sampled: bool = False) -> None:
@@ -138,7 +160,7 @@ class LearnedCosts:
         ``rounds`` rounds timed together; ``sampled``: at T > 0)."""
         self.clock += rounds
         bound = self.clip * rounds  # a pause in a run of rounds timed as one is diluted in it
-        level = math.log(max(seconds, 1e-12) / self.costs.round_s(width, context, sampled)) - self.shape(width)
+        level = math.log(max(seconds, 1e-12) / self.costs.round_s(width, context, sampled)) - self.shape(width, context)
         if self.last is None:  # the first round timed (since a break): the load is what it saw
             self.level, self.last = level, width
         off = _clip(level - self.level, bound)  # what this round is off the load the rounds before saw
@@ -146,12 +168,9 @@ class LearnedCosts:
         if before != width:  # timed right after another width: how the two compare at one load
             # each shape takes a share of what the round is off by how little is known of it (a
             # width with few pairs nearly all), together at most all of it; the load the rest
-            gains = {w: max(self.rate, 1 / (self.pairs.get(w, 0) + 1)) for w in (width, before)}
+            gains = {w: max(self.rate, 1 / (self.pairs_at(w, context) + 1)) for w in (width, before)}
             scale = 1 / max(1.0, sum(gains.values()))
-            self.shapes[width], self.shapes[before] = (self.shape(width) + gains[width] * scale * off,
-                                                       self.shape(before) - gains[before] * scale * off)
-            for w in (width, before):
-                self.pairs[w] = self.pairs.get(w, 0) + 1
+            self._move(context, {width: gains[width] * scale * off, before: -gains[before] * scale * off})
             off, moved = off * (1 - gains[width] * scale), [width, before]
         self.level += (1 - self.memory ** rounds) * off
         self.last = width
@@ -160,8 +179,22 @@ class LearnedCosts:
             while when and self.clock - when[0] > self.max_age:
                 when.popleft()
         self.timed[width] = self.timed.get(width, 0) + 1
-        if self.path is not None and any(self.worth_keeping(w) for w in moved):
+        near = [c for c, _ in _shares(self.contexts, context)]
+        for c in near:
+            self.timed_near[c][width] = self.timed_near[c].get(width, 0) + 1
+        if self.path is not None and any(self.worth_keeping(w, c) for w in moved for c in near):
             self.keep()
+
+    def _move(self, context: int, steps: Dict[int, float]) -> None:
+        """Move each width's shape at ``context`` by its step: the calibration's contexts around
+        it by their shares, scaled so the interpolated shape there moves by the step."""
+        shares = _shares(self.contexts, context)
+        norm = sum(share * share for _, share in shares)
+        for c, share in shares:
+            start = {w: self._row(c, w) for w in steps}
+            for w, step in steps.items():
+                self.shapes[c][w] = start[w] + step * share / norm
+                self.pairs[c][w] = self.pairs[c].get(w, 0.0) + share
 
     def interrupt(self) -> None:
         """The next round timed does not follow the last one (a new generation: its prefill and
@@ -169,26 +202,42 @@ class LearnedCosts:
         with it, and sets the load."""
         self.last = None
 
-    def shape(self, width: int) -> float:
-        """Width ``width``'s correction of the calibration (log), apart from the load."""
-        if not self.shapes:
+    def _row(self, c: int, width: int) -> float:
+        """Width ``width``'s shape at the calibration's context ``c``."""
+        row = self.shapes[c]
+        if not row:
             return 0.0
-        known = sorted(self.shapes)
-        return _interpolate(known, [self.shapes[w] for w in known], width, extend=False)
+        known = sorted(row)
+        return _interpolate(known, [row[w] for w in known], width, extend=False)
+
+    def shape(self, width: int, context: int) -> float:
+        """Width ``width``'s correction of the calibration (log) at ``context``, apart from the load."""
+        return sum(share * self._row(c, width) for c, share in _shares(self.contexts, context))
+
+    def pairs_at(self, width: int, context: int) -> float:
+        """How many pairs ``width`` was timed in near ``context`` (by the shares of the calibration's contexts)."""
+        return sum(share * self.pairs[c].get(width, 0.0) for c, share in _shares(self.contexts, context))
 
     def recent(self, width: int) -> int:
         """How many of the rounds timed in the last ``max_age`` were at ``width``."""
         return len(self.born.get(width, ()))
 
-    def worth_keeping(self, width: int) -> bool:
-        """``width`` was timed ``keep_after`` times here and its correction moved more than
-        ``tolerance`` from the kept one."""
-        return (width in self.shapes and self.timed.get(width, 0) >= self.keep_after
-                and abs(math.exp(self.shapes[width]) / self.costs.corrections.get(width, 1.0) - 1) > self.tolerance)
+    def worth_keeping(self, width: int, context: int) -> bool:
+        """``width`` was timed ``keep_after`` times between the calibration's context
+        ``context`` and its neighbours and its correction there moved more than ``tolerance``
+        from the kept one."""
+        kept = self.costs.corrections.get(context, {}).get(width, 1.0)
+        return (width in self.shapes[context] and self.timed_near[context].get(width, 0) >= self.keep_after
+                and abs(math.exp(self.shapes[context][width]) / kept - 1) > self.tolerance)
 
-    def learned(self) -> Dict[int, float]:
-        """The corrections to keep: the kept ones, with those of the widths worth keeping."""
-        return {**self.costs.corrections, **{w: math.exp(self.shapes[w]) for w in self.shapes if self.worth_keeping(w)}}
+    def learned(self) -> Dict[int, Dict[int, float]]:
+        """The corrections to keep, by context and width: the kept ones, with those worth keeping."""
+        out = {c: dict(row) for c, row in self.costs.corrections.items()}
+        for c, row in self.shapes.items():
+            for w, s in row.items():
+                if self.worth_keeping(w, c):
+                    out.setdefault(c, {})[w] = math.exp(s)
+        return out
 
     def keep(self) -> None:
         """Write ``learned()`` into the calibration file, unless it now holds another
@@ -208,12 +257,13 @@ class LearnedCosts:
             warnings.warn(f"{e}; the learned round costs last this session only", stacklevel=2)
             self.path = None
 
-    def ratio(self, width: int) -> float:
-        """A round of ``width`` now over its calibrated cost: the load level times the width's correction."""
-        return math.exp(self.level + self.shape(width))
+    def ratio(self, width: int, context: int) -> float:
+        """A round of ``width`` at ``context`` now over its calibrated cost: the load level times
+        the width's correction there."""
+        return math.exp(self.level + self.shape(width, context))
 
     def round_s(self, width: int, context: int, sampled: bool = False) -> float:
-        return self.costs.round_s(width, context, sampled) * self.ratio(width)
+        return self.costs.round_s(width, context, sampled) * self.ratio(width, context)
 
     def catch_up_s(self, unread: int) -> float:
         return self.costs.catch_up_s(unread)
@@ -221,6 +271,18 @@ class LearnedCosts:
 
 def _clip(x: float, bound: float) -> float:
     return max(-bound, min(bound, x))
+
+
+def _shares(xs: Sequence[float], x: float) -> List[Any]:
+    """``(point, share)`` of the points of ``xs`` that piecewise-linear interpolation at ``x``
+    weighs (flat outside: all on the nearest end)."""
+    if x <= xs[0]:
+        return [(xs[0], 1.0)]
+    if x >= xs[-1]:
+        return [(xs[-1], 1.0)]
+    i = next(i for i in range(1, len(xs)) if x <= xs[i])
+    t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return [(p, share) for p, share in ((xs[i - 1], 1 - t), (xs[i], t)) if share > 0]
 
 
 def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float, extend: bool = True) -> float:

@@ -31,9 +31,9 @@ class RecordedCosts(LearnedCosts):
         super().__init__(costs)
         self.log = []
 
-    def observe(self, width, context, seconds, rounds=1):
+    def observe(self, width, context, seconds, rounds=1, sampled=False):
         self.log.append((width, context, seconds, rounds))
-        super().observe(width, context, seconds, rounds)
+        super().observe(width, context, seconds, rounds, sampled)
 
 
 def run(bundle, ids, max_tokens, **kw):
@@ -76,7 +76,8 @@ def main(argv=None):
         print(name, "median tok/s", round(statistics.median(x["tps"] for x in v), 2), "mean ratio to B=1", round(gain, 3))
     for w in FIXED:
         fixed = statistics.median(x["round_s"] / costs.round_s(w, x["ctx"]) for x in rows[f"B={w}"])
-        print("width", w, "learned ratio", round(learned.ratio(w), 3), "fixed median ratio", round(fixed, 3))
+        context = statistics.median(x["ctx"] for x in rows[f"B={w}"])
+        print("width", w, "learned ratio", round(learned.ratio(w, context), 3), "fixed median ratio", round(fixed, 3))
     with open(args.out, "w") as f:
         json.dump(dict(rows=rows, log=learned.log, costs=costs.to_dict()), f)
 

@@ -55,7 +55,7 @@ def test_sampled_rounds_cost_what_sampling_adds():
     learned = LearnedCosts(c)
     learned.observe(2, 100, 1.35, sampled=True)  # a sampled round timed at its sampled cost: no correction
     learned.observe(4, 100, 1.8, sampled=False)
-    assert learned.ratio(2) == pytest.approx(1.0) and learned.ratio(4) == pytest.approx(1.0)
+    assert learned.ratio(2, 100) == pytest.approx(1.0) and learned.ratio(4, 100) == pytest.approx(1.0)
     assert learned.round_s(2, 100, sampled=True) == pytest.approx(1.35)
 
 
@@ -75,7 +75,7 @@ def test_the_controller_prices_rounds_as_they_are_decoded():
     s.update(1, 2)
     s.update(1, 2)
     s.observe(1.41)  # the second round (after a drafted one) is timed against its sampled cost
-    assert s.costs.ratio(2) == pytest.approx(1.0)
+    assert s.costs.ratio(2, 0) == pytest.approx(1.0)
 
 
 def test_noisy_dips_are_smoothed_out():
@@ -271,7 +271,56 @@ def test_learned_costs_count_the_rounds_timed_lately():
     assert learned.recent(2) == 0 and learned.timed[2] == 3  # what this session timed, for keeping: unchanged
 
 
+def by_context(corrections=None):
+    """Synthetic costs calibrated at three context lengths (plain 1 s, width 2 1.2 s at each)."""
+    widths, contexts = [1, 2, 4], [256, 2048, 8192]
+    verify = [[1.0, 1.1, 1.3]] * 3
+    return Costs(widths, contexts, verify, [[0.0, 0.1, 0.1]] * 3, corrections=corrections or {})
 
+
+def test_learned_costs_correct_each_context_length_apart(tmp_path):
+    """Width 2 really costs 1.5x its calibration against plain after short prompts and as
+    calibrated after ~2k tokens (as the demo's rounds did, 1.21x / 1.03x): each context length
+    keeps its own correction, between two calibrated ones interpolated, where nothing was timed
+    the calibration; the file keeps them by context."""
+    path = tmp_path / "calibration.json"
+    c = by_context()
+    write_costs(c, path)
+    learned = LearnedCosts(c, path=path)
+
+    def pairs(context, factor, n=12):
+        for _ in range(n):
+            learned.observe(1, context, c.round_s(1, context), rounds=16)
+            learned.observe(2, context, factor * c.round_s(2, context))
+
+    pairs(100, 1.5)
+    pairs(2048, 1.0)
+    assert relative(learned, 2, c, 100) == pytest.approx(1.5, rel=0.03)
+    assert relative(learned, 2, c, 2048) == pytest.approx(1.0, rel=0.03)
+    assert math.log(relative(learned, 2, c, 1152)) == pytest.approx(math.log(1.5) / 2, rel=0.1)  # halfway, in logs
+    assert relative(learned, 2, c, 8192) == pytest.approx(1.0, rel=0.03)  # never timed: as calibrated
+    pairs(4000, 1.3, n=40)  # between two calibrated contexts: the correction there follows as it would at one
+    assert relative(learned, 2, c, 4000) == pytest.approx(1.3, rel=0.05)
+    assert relative(learned, 2, c, 100) == pytest.approx(1.5, rel=0.03)  # the short context's untouched
+    kept = read_costs(path).corrections
+    assert set(kept) == {256, 2048, 8192}  # each moved by rounds around it
+    assert kept[256][2] / kept[256][1] == pytest.approx(1.5, rel=0.05)
+    later = LearnedCosts(read_costs(path))
+    for context in (100, 1152, 4000, 8192):
+        assert relative(later, 2, c, context) == pytest.approx(relative(learned, 2, c, context), rel=0.05)
+
+
+def test_corrections_by_width_alone_hold_at_every_context_length():
+    """A calibration file from before corrections were kept by context: its factors hold everywhere."""
+    older = dict(by_context().to_dict(), corrections={"2": 1.2})
+    c = Costs.from_dict(json.loads(json.dumps(older)))
+    assert c.corrections == {256: {2: 1.2}, 2048: {2: 1.2}, 8192: {2: 1.2}}
+    learned = LearnedCosts(c)
+    for context in (10, 1000, 2048, 20000):
+        assert learned.ratio(2, context) == pytest.approx(1.2) and learned.ratio(1, context) == pytest.approx(1.2)
+    assert Costs.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(TypeError, match="corrections mix"):
+        Costs.from_dict(dict(older, corrections={"2": 1.2, "256": {"2": 1.1}}))
 
 
 def test_learned_costs_are_kept_for_the_next_session(tmp_path):
@@ -288,13 +337,15 @@ def test_learned_costs_are_kept_for_the_next_session(tmp_path):
     pairs(learned, 7, 1.5)
     assert read_costs(path) == c  # too few rounds to keep
     pairs(learned, 1, 1.5)
-    kept = read_costs(path).corrections
+    corrections = read_costs(path).corrections
+    assert set(corrections) == {1}  # where it moved by more than tolerance: 10000 has a 1% share at 100
+    kept = corrections[1]
     assert set(kept) == {1, 4} and kept[4] / kept[1] == pytest.approx(1.5, rel=0.05)
     assert read_costs(path).measured() == c
     for _ in range(10):  # width 2 as calibrated against plain: plain's correction
-        learned.observe(2, 100, c.round_s(2, 100) * learned.ratio(1))
+        learned.observe(2, 100, c.round_s(2, 100) * learned.ratio(1, 100))
         learned.observe(1, 100, learned.round_s(1, 100), rounds=16)
-    kept = read_costs(path).corrections
+    kept = read_costs(path).corrections[1]
     assert kept[2] / kept[1] == pytest.approx(1.0, rel=0.05) and kept[4] / kept[1] == pytest.approx(1.5, rel=0.05)
     assert not list(tmp_path.glob("*.tmp"))  # written whole: no temporary file left
 
@@ -309,7 +360,7 @@ def test_learned_costs_are_kept_for_the_next_session(tmp_path):
     assert later.round_s(1, 100) == pytest.approx(0.5, rel=1e-3)
     pairs(later, 40, 1.0)  # the machine changed: the correction follows, in the file too
     assert relative(later, 4, c) == pytest.approx(1.0, rel=0.05)
-    kept = read_costs(path).corrections
+    kept = read_costs(path).corrections[1]
     assert kept[4] / kept[1] == pytest.approx(1.0, abs=0.1)
 
     # Measured again meanwhile (calibrate --force in another process): that calibration stays.
@@ -370,9 +421,9 @@ def test_a_stale_kept_correction_is_tried_and_outvoted():
         return widths, learned
 
     widths, learned = run(3, committed=2)  # the first draft always accepted, never a second: width 2 is best
-    assert learned.ratio(2) == pytest.approx(1.0) and widths[-50:] == [2] * 50
+    assert learned.ratio(2, 100) == pytest.approx(1.0) and widths[-50:] == [2] * 50
     widths, learned = run(1, committed=1)  # every draft rejected: plain decoding, and probes
-    assert learned.ratio(2) == pytest.approx(1.0) and widths.count(2) >= 3 and widths[-50:].count(1) > 40
+    assert learned.ratio(2, 100) == pytest.approx(1.0) and widths.count(2) >= 3 and widths[-50:].count(1) > 40
 
 
 def test_a_width_timed_in_a_slow_spell_is_not_avoided_after_it():
@@ -389,7 +440,7 @@ def test_a_width_timed_in_a_slow_spell_is_not_avoided_after_it():
         s.observe(costs().round_s(w, 100))
         widths.append(w)
     assert widths[-50:] == [2] * 50
-    assert relative(learned, 2, costs()) == pytest.approx(1.0, abs=0.05) and learned.ratio(2) == pytest.approx(1.0, abs=0.05)
+    assert relative(learned, 2, costs()) == pytest.approx(1.0, abs=0.05) and learned.ratio(2, 100) == pytest.approx(1.0, abs=0.05)
 
 
 def test_neighbours_timed_long_ago_are_timed_again():
@@ -606,7 +657,7 @@ def test_decoding_times_its_rounds_into_learned_costs_and_stays_lossless(qwen3):
                      costs=learned, acceptance=acceptance)
         assert r.tokens == reference(qwen3.model, prompt, max_tokens=40)
     # real rounds of the tiny model take milliseconds, the synthetic calibration says seconds
-    assert learned.timed and all(0 < learned.ratio(w) < 0.5 for w in learned.timed)
+    assert learned.timed and all(0 < learned.ratio(w, 20) < 0.5 for w in learned.timed)
     assert acceptance.seen and acceptance.seen[0] > 3
 
 
@@ -668,7 +719,7 @@ def test_measure_and_cache(qwen3, tmp_path):
     kept = calibrate(bundle, force=True)
     write_costs(replace(kept, corrections={2: 1.3}), tmp_path / "calibration.json")
     learned = costs_for(bundle, refine=True)  # a session keeps what it learns in the bundle's calibration
-    assert learned.path == tmp_path / "calibration.json" and learned.ratio(2) == pytest.approx(1.3)
+    assert learned.path == tmp_path / "calibration.json" and learned.ratio(2, 64) == pytest.approx(1.3)
 
 
 def test_every_drafted_width_is_warmed_up_before_it_is_timed(qwen3):
@@ -722,7 +773,8 @@ def test_calibrate_command(qwen3, tmp_path, monkeypatch, capsys):
     write_costs(replace(read_costs(path), corrections={1: 0.9, 4: 1.25}), path)
     assert calibrate_main(argv) == 0
     out, err = capsys.readouterr()
-    assert "against a plain step they cost x1.39 at B=4 of what" in out and "cached; --force measures again" in err
+    lengths = ", ".join(map(str, read_costs(path).contexts))  # flat corrections (older files): at every context
+    assert f"against a plain step they cost x1.39 at B=4 after {lengths} tokens of what" in out and "cached; --force measures again" in err
     assert calibrate_main(argv + ["--force", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["corrections"] == {} and read_costs(path).corrections == {}  # measured again: forgotten

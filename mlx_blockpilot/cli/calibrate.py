@@ -37,10 +37,15 @@ def _calibrate(args) -> int:
               "and what the drafter's first read of that many unseen features adds to a round")
         print(table(costs))
         learned = LearnedCosts(costs)  # the corrections kept: how widths compare, apart from the load
-        relative = {w: learned.ratio(w) / learned.ratio(1) for w in sorted(costs.corrections) if w > 1}
-        if relative:
-            print("decoding has timed real rounds: against a plain step they cost " + ", ".join(
-                f"x{r:.2f} at B={w}" for w, r in relative.items())
+        by_text = {}  # what was learned -> the context lengths it holds at
+        for length in sorted(costs.corrections):
+            relative = [f"x{learned.ratio(w, length) / learned.ratio(1, length):.2f} at B={w}"
+                        for w in sorted(costs.corrections[length]) if w > 1]
+            if relative:
+                by_text.setdefault(", ".join(relative), []).append(str(length))
+        if by_text:
+            print("decoding has timed real rounds: against a plain step they cost " + "; ".join(
+                f"{text} after {', '.join(lengths)} tokens" for text, lengths in by_text.items())
                   + " of what these costs say; the controller starts from that (--force measures again and forgets it)")
     how = "measured now" if measured else "cached; --force measures again"
     print(f"calibration: {cache_path(bundle)} ({how}; measuring took {costs.seconds:.1f} s)", file=sys.stderr)
