@@ -266,7 +266,9 @@ class LearnedCosts:
         return self.costs.round_s(width, context, sampled) * self.ratio(width, context)
 
     def catch_up_s(self, unread: int) -> float:
-        return self.costs.catch_up_s(unread)
+        """The drafter's read at the load now (a pass like any other, slowed as they are: priced
+        apart from it, a plain step and the read of ~2k features traded places with the load)."""
+        return self.costs.catch_up_s(unread) * math.exp(self.level)
 
 
 def _clip(x: float, bound: float) -> float:

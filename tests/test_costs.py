@@ -211,6 +211,19 @@ def test_trust_does_not_pay_for_a_long_read():
     assert width(500, 0.15, trust=0.2) == 2  # trusted
 
 
+def test_the_load_moves_the_drafters_read_as_it_moves_rounds():
+    """The read of 900 unseen features costs 0.9 plain steps as calibrated. Whether it counts
+    as cheap (a probe may pay it; the pick's trust applies) does not flip with the machine's
+    load, which slows the read as it slows a plain step (priced apart, a plain step and the
+    read of a ~2k prompt's features traded places with the load on the demo)."""
+    for load in (0.5, 1.0, 2.0):
+        learned = LearnedCosts(costs(read_s=1e-3))
+        learned.observe(1, 900, load * 1.0, rounds=16)
+        assert learned.catch_up_s(900) == pytest.approx(load * 0.9)
+        s = CostAware(2, learned, 2, context=900, unread=900, trust=0.2, prior=0.15, prior_rounds=1000)
+        assert s.read_is_cheap() and s.width == 2  # trusted: width 2 at 0.96x of plain is kept
+
+
 def relative(learned, width, c, context=100):
     """What ``learned`` prices a round of ``width`` at against a plain step, over what calibration ``c`` says."""
     return (learned.round_s(width, context) / learned.round_s(1, context)) / (c.round_s(width, context) / c.round_s(1, context))
