@@ -243,9 +243,10 @@ class CostAware(Fixed):
 
     def probe_interval(self, width: int) -> int:
         """Plain rounds between probes at ``width``: a failed probe wastes what the round costs
-        beyond a plain step, so that over the interval stays within ``probe_budget``; doubled for
-        each probe in a row that went back to plain (at most ``backoff`` times)."""
-        extra = self.round_s(width) / self.round_s(1) - 1
+        beyond a plain step, the drafter's read of the features it has not seen included (after
+        a long prompt, the prompt's), so that over the interval stays within ``probe_budget``;
+        doubled for each probe in a row that went back to plain (at most ``backoff`` times)."""
+        extra = (self.round_s(width) + self.costs.catch_up_s(self.unread)) / self.round_s(1) - 1
         return max(self.probe_every, math.ceil(extra / self.probe_budget)) << min(self.failed, self.backoff)
 
     def observe(self, seconds: float) -> None:

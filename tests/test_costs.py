@@ -618,6 +618,21 @@ def test_probes_are_spaced_by_what_a_failed_one_costs():
     assert 3 <= probes(costs(verify_growth=1.0)) <= 6  # 2.1 plain steps: one per ~37, failed probes cost < 3%
 
 
+def test_a_probe_that_reads_a_long_prompt_waits_for_that_read_too():
+    # After a 2,000-token prompt the drafter's first read costs 0.9 plain steps: the first probe,
+    # failing, wastes that and 0.2 plain steps more, so it comes after ~37 plain rounds (3%), the
+    # next ones (a read of a few features) every 8; every draft rejected, drafting never expected to pay
+    def gaps(read_s):
+        s = CostAware(1, costs(verify_growth=0.1, read_s=read_s), 8, context=2000, unread=2000, remaining=10000,
+                      backoff=0, prior=0.1, prior_rounds=1000)
+        return probe_gaps(s, 120)
+
+    first, *rest = gaps(0.0)
+    assert first <= 9 and rest[:3] == [8, 8, 8]  # (the first gap counts the generation's first round)
+    first, *rest = gaps(4.5e-4)
+    assert 36 <= first <= 40 and rest[:3] == [8, 8, 8]
+
+
 def probe_gaps(s, rounds, committed=lambda width: 1):
     """Plain rounds between ``s``'s drafted rounds over ``rounds`` rounds (``committed(width)``
     tokens per round)."""
