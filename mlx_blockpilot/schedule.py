@@ -132,9 +132,11 @@ class CostAware(Fixed):
     already steer). With ``costs.round_s`` from calibration, a width ``w`` is worth
     ``(1 + rate[1] + rate[1]*rate[2] + ...) / round_s(w)`` tokens per second; width 1 is
     plain decoding. With ``costs.LearnedCosts`` the rounds' times (``observe``) correct
-    the calibration, and a drafting width next to the best one that was timed fewer than
-    ``explore`` times lately is tried (its cost may be a stale correction of an earlier
-    session's load or of a slow spell, and a width believed too dear is otherwise never timed).
+    the calibration, and a width next to the best one that was timed fewer than ``explore``
+    times lately is tried (its cost may be a stale correction of an earlier session's load or
+    of a slow spell, and a width believed too dear is otherwise never timed), plain decoding
+    too while drafting at width 2 (a run of drafted rounds alone never tells what they cost
+    against a plain step).
     Plain rounds teach nothing about drafting, so after ``probe_every`` of them one round drafts
     again at the best drafting width; where a drafted round costs much more than a plain step
     (long context), probes are spaced so that they cost at most ``probe_budget`` of the time
@@ -288,13 +290,17 @@ class CostAware(Fixed):
             self.costs.observe(width, context, rest, sampled=self.sampled)
 
     def explored(self, width: int) -> int:
-        """``width``, or a drafting width next to it that was timed fewer than ``explore``
-        times lately (``LearnedCosts.recent``; and this generation tried fewer: profiling times
-        nothing)."""
+        """``width``, or a width next to it that was timed fewer than ``explore`` times lately
+        (``LearnedCosts.recent``; and this generation tried fewer: profiling times nothing): a
+        drafting width, or plain decoding next to width 2 while drafting. A run of drafted rounds
+        otherwise never times what they cost against a plain step, since the load takes up what
+        every round is off (after a ~2k prompt a calibration priced B=2 at 1.14x of plain and the
+        controller drafted every round, at 0.86x of mlx-lm's speed). Not on a probe: it drafts."""
         if not isinstance(self.costs, LearnedCosts):
             return width
+        lowest = 1 if self.last is not None and self.last[0] > 1 else 2  # plain only right after a drafted round
         for w in (width - 1, width + 1):
-            if 2 <= w <= self.max_width and max(self.costs.recent(w), self.tried.get(w, 0)) < self.explore:
+            if lowest <= w <= self.max_width and max(self.costs.recent(w), self.tried.get(w, 0)) < self.explore:
                 self.tried[w] = self.tried.get(w, 0) + 1
                 return w
         return width

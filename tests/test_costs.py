@@ -417,6 +417,33 @@ def test_controller_moves_off_a_width_that_times_slower_than_calibrated():
     assert slow[-1] == 2 and slow.count(2) > 20
 
 
+def test_a_run_of_drafted_rounds_times_plain_decoding_too():
+    """Calibration priced width 2 at 1.2 plain steps; it really costs 1.6 (as after a ~2k prompt
+    here), and at a rate of 0.3 it is then slower than plain decoding (1.3 / 1.6). Timed alone its
+    rounds only move the load; a plain round tried now and then prices it against plain, and
+    decoding goes plain (probes apart)."""
+
+    def run(explore):
+        learned = LearnedCosts(costs())
+        s = CostAware(2, learned, 2, context=100, remaining=10_000, trust=0.0, prior=0.3, prior_rounds=1e6,
+                      explore=explore)
+        widths = []
+        for _ in range(120):
+            w = s.width
+            s.update(1 + (w > 1 and len(widths) % 10 < 3), w)  # 3 of every 10 drafts kept
+            s.observe(costs().round_s(w, 100) * (1.6 / 1.2 if w > 1 else 1.0))
+            widths.append(w)
+        return widths, learned
+
+    widths, learned = run(explore=3)
+    assert 1 in widths[:10]  # a plain round tried early in a run of drafted ones
+    assert widths[-60:].count(1) > 45 and relative(learned, 2, costs()) == pytest.approx(1.6 / 1.2, rel=0.1)
+    widths, learned = run(explore=0)  # not tried: width 2 throughout, priced as calibrated against plain
+    assert widths == [2] * 120 and relative(learned, 2, costs()) == pytest.approx(1.0)
+    # a probe from plain decoding drafts (the plain rounds before it are timed once it ends them)
+    s = CostAware(1, LearnedCosts(costs()), 8, context=100, remaining=10_000, prior=0.1, prior_rounds=1e6)
+    assert probe_gaps(s, 30)[0] <= 9
+
 def test_a_stale_kept_correction_is_tried_and_outvoted():
     """Width 2 was kept as three times dearer than calibrated (learned under another load) and
     really costs what calibration measured: it is tried as a neighbour of the best width, and
