@@ -444,6 +444,7 @@ def test_a_run_of_drafted_rounds_times_plain_decoding_too():
     s = CostAware(1, LearnedCosts(costs()), 8, context=100, remaining=10_000, prior=0.1, prior_rounds=1e6)
     assert probe_gaps(s, 30)[0] <= 9
 
+
 def test_a_stale_kept_correction_is_tried_and_outvoted():
     """Width 2 was kept as three times dearer than calibrated (learned under another load) and
     really costs what calibration measured: it is tried as a neighbour of the best width, and
